@@ -1,0 +1,277 @@
+"""The payment gateway: login, balances, history, and exactly-once payments coordinated over the banks.
+
+    python -m servers.gateway_server [--port 50053] [--config-dir config] [--certs-dir certificates]
+        [--data-dir data] [--txn-timeout 5] [--idempotency-ttl 604800] [--token-ttl 28800]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from protofiles import payment_pb2, payment_pb2_grpc
+from servers import serving
+from servers.config import ConfigError, User, load_banks, load_users, verify_password
+from servers.coordinator import STATUS_ENUM, Banks, Coordinator
+from servers.idempotency import ClaimKind, PaymentStore
+from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, current_user, note
+from servers.liveness import Owner
+from servers.money import MAX_PAYMENT_PAISE, MoneyError, bank_of, paise_to_rupees, rupees_to_paise
+from servers.sessions import Sessions
+from servers.sqlite_store import SQLiteStore
+
+log = logging.getLogger("strife.gateway")
+
+MAX_KEY_LENGTH = 255
+_BALANCE_TIMEOUT = 2.0
+# Checked for unknown users so that a wrong username costs as long as a wrong password.
+_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    port: int
+    config_dir: Path
+    certs_dir: Path
+    data_dir: Path
+    txn_timeout: float
+    idempotency_ttl: float
+    token_ttl: float
+    completer_interval: float
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "gateway.sqlite3"
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
+    return number
+
+
+def parse_args(argv: list[str] | None = None) -> GatewaySettings:
+    parser = argparse.ArgumentParser(prog="python -m servers.gateway_server", description="Run the Strife gateway.")
+    parser.add_argument("--port", type=int, default=50053)
+    parser.add_argument("--config-dir", type=Path, default=Path("config"))
+    parser.add_argument("--certs-dir", type=Path, default=Path("certificates"))
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--txn-timeout", type=_positive, default=5.0, help="2PC prepare-phase deadline (s)")
+    parser.add_argument("--idempotency-ttl", type=_positive, default=7 * 24 * 3600.0,
+                        help="how long finished idempotency keys are kept (s)")
+    parser.add_argument("--token-ttl", type=_positive, default=8 * 3600.0, help="login token lifetime (s)")
+    parser.add_argument("--completer-interval", type=_positive, default=1.0,
+                        help="how often abandoned payments are looked for (s)")
+    a = parser.parse_args(argv)
+    return GatewaySettings(a.port, a.config_dir, a.certs_dir, a.data_dir, a.txn_timeout, a.idempotency_ttl,
+                           a.token_ttl, a.completer_interval)
+
+
+def _metadata(context: grpc.ServicerContext, key: str) -> list[str]:
+    return [v for k, v in context.invocation_metadata() if k == key and isinstance(v, str)]
+
+
+def _valid_key(key: str) -> bool:
+    return 1 <= len(key) <= MAX_KEY_LENGTH and all(" " <= ch <= "~" for ch in key)
+
+
+class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
+    def __init__(self, users: dict[str, User], banks: Banks, sessions: Sessions, coordinator: Coordinator) -> None:
+        self.users = users
+        self.banks = banks
+        self.sessions = sessions
+        self.coordinator = coordinator
+        self.store = coordinator.store
+
+    def Login(self, request: payment_pb2.LoginRequest, context: grpc.ServicerContext) -> payment_pb2.LoginResponse:
+        note(user=request.username[:64])
+        user = self.users.get(request.username)
+        if user is None or len(request.password) > 1024:
+            verify_password(request.password[:1024], _DUMMY_HASH)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
+        if not user.check_password(request.password):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
+        token, expires = self.sessions.create(user.username)
+        return payment_pb2.LoginResponse(token=token, expires_at_unix=int(expires), accounts=list(user.accounts))
+
+    def _idempotency_key(self, request: payment_pb2.PaymentRequest, context: grpc.ServicerContext) -> str:
+        values = _metadata(context, "idempotency-key")
+        if len(values) > 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send one idempotency-key, not several")
+        key = values[0] if values else request.transaction_id
+        if not key:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "missing idempotency key: send 'idempotency-key' metadata (or transaction_id)")
+        if not _valid_key(key):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"idempotency key must be 1–{MAX_KEY_LENGTH} printable ASCII characters")
+        return key
+
+    def ProcessPayment(self, request: payment_pb2.PaymentRequest,
+                       context: grpc.ServicerContext) -> payment_pb2.PaymentResponse:
+        username = current_user()
+        key = self._idempotency_key(request, context)
+        note(key=key, amount=request.amount, to=request.to_account[:40])
+        invalid = lambda msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
+        for field, account in (("from_account", request.from_account), ("to_account", request.to_account)):
+            try:
+                bank = bank_of(account)
+            except ValueError as exc:
+                invalid(f"{field}: {exc}")
+            if bank not in self.banks:
+                invalid(f"{field}: unknown bank {bank!r}")
+        if request.from_account not in self.users[username].accounts:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"account {request.from_account} does not belong to {username}")
+        if request.from_account == request.to_account:
+            invalid("from_account and to_account are the same account")
+        try:
+            amount = rupees_to_paise(request.amount)
+        except MoneyError as exc:
+            invalid(str(exc))
+
+        claim = self.store.claim(username, key, request.from_account, request.to_account, amount)
+        if claim.kind is ClaimKind.MISMATCH:
+            note(retry_kind="mismatch")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this idempotency key was already used for a different payment (other from, to or"
+                          " amount); use a new key for a new payment")
+        if claim.kind is ClaimKind.IN_FLIGHT:
+            note(retry_kind="in_progress", txn=claim.payment.txn_id)
+            context.abort(grpc.StatusCode.ABORTED,
+                          "a payment with this idempotency key is still being processed; retry shortly")
+        payment = claim.payment
+        note(txn=payment.txn_id)
+        if claim.kind is ClaimKind.REPLAY:
+            note(retry_kind="replay")
+            response = payment_pb2.PaymentResponse.FromString(payment.response)
+            response.replayed = True
+            context.send_initial_metadata((("idempotent-replayed", "true"),))
+            return response
+        if claim.kind is ClaimKind.RESUMED:
+            note(retry_kind="resumed")
+        response = self.coordinator.run(payment)
+        note(outcome=payment_pb2.PaymentStatus.Name(response.status).removeprefix("PAYMENT_STATUS_").lower())
+        return response
+
+    def GetBalance(self, request: payment_pb2.GatewayBalanceRequest,
+                   context: grpc.ServicerContext) -> payment_pb2.GatewayBalanceResponse:
+        username = current_user()
+        if request.username and request.username != username:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{username} may not see another user's balances")
+        accounts = self.users[username].accounts
+        calls = {}
+        for account in accounts:
+            bank = bank_of(account)
+            if bank in self.banks:
+                calls[account] = self.banks.stubs[bank].GetBalance.future(
+                    payment_pb2.BankBalanceRequest(account_number=account), timeout=_BALANCE_TIMEOUT)
+        response = payment_pb2.GatewayBalanceResponse()
+        for account in accounts:
+            detail = response.details.add(account=account)
+            call = calls.get(account)
+            if call is None:
+                detail.message = f"bank {bank_of(account)} is not configured"
+                continue
+            try:
+                result = call.result()
+            except grpc.RpcError as exc:
+                # Never a made-up number: an unreachable bank's accounts are reported as unavailable.
+                detail.message = (f"bank {bank_of(account)} is unavailable" if exc.code() in
+                                  (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                                  else f"bank {bank_of(account)}: {exc.details()}")
+                continue
+            detail.available = True
+            detail.balance, detail.available_balance = result.balance, result.available
+            detail.balance_paise, detail.available_paise = result.balance_paise, result.available_paise
+            response.accounts[account] = result.balance
+        return response
+
+    def ListPayments(self, request: payment_pb2.ListPaymentsRequest,
+                     context: grpc.ServicerContext) -> payment_pb2.ListPaymentsResponse:
+        username = current_user()
+        if request.limit < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must not be negative")
+        limit = min(request.limit or 50, 500)
+        response = payment_pb2.ListPaymentsResponse()
+        for row in self.store.history(username, self.users[username].accounts, limit):
+            outgoing = row.username == username
+            response.payments.add(
+                transaction_id=row.txn_id, from_account=row.from_account, to_account=row.to_account,
+                amount=paise_to_rupees(row.amount), amount_paise=row.amount, status=STATUS_ENUM[row.status],
+                message=row.message if outgoing else f"received from {row.from_account}", outgoing=outgoing,
+                idempotency_key=row.idem_key if outgoing else "", created_at_ms=int(row.created_at * 1000),
+                finished_at_ms=int((row.finished_at or 0) * 1000))
+        return response
+
+
+def _completer_loop(coordinator: Coordinator, store: PaymentStore, sessions: Sessions,
+                    settings: GatewaySettings, stop: threading.Event) -> None:
+    sweep_every = min(60.0, settings.idempotency_ttl)
+    next_sweep = 0.0
+    while not stop.is_set():
+        try:
+            coordinator.complete_abandoned()
+            if time.monotonic() >= next_sweep:
+                swept = store.sweep(settings.idempotency_ttl)
+                sessions.sweep()
+                if swept:
+                    log.info("swept %d idempotency keys older than %g s", swept, settings.idempotency_ttl)
+                next_sweep = time.monotonic() + sweep_every
+        except Exception:  # noqa: BLE001 - the completer must outlive any one failure
+            log.exception("completer pass failed; retrying")
+        stop.wait(settings.completer_interval)
+
+
+def serve(settings: GatewaySettings) -> None:
+    users = load_users(settings.config_dir)
+    bank_addresses = load_banks(settings.config_dir)
+    credentials = serving.server_credentials(settings.certs_dir, "gateway", require_client_auth=False)
+    banks = Banks(bank_addresses, settings.certs_dir)
+    sqlite = SQLiteStore(settings.store_path, "")
+    owner = Owner(settings.data_dir)
+    store = PaymentStore(sqlite, owner)
+    sessions = Sessions(sqlite, settings.token_ttl)
+    stop = threading.Event()
+    coordinator = Coordinator(store, banks, settings.txn_timeout, stop)
+
+    open_methods = {"/PaymentGateway/Login", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
+    server = serving.make_server([LoggingInterceptor(), BearerAuthInterceptor(sessions.resolve, open_methods)])
+    payment_pb2_grpc.add_PaymentGatewayServicer_to_server(GatewayServicer(users, banks, sessions, coordinator), server)
+    health = serving.add_health(server)
+    serving.bind(server, settings.port, credentials)
+    completer = threading.Thread(target=_completer_loop, name="completer", daemon=True,
+                                 args=(coordinator, store, sessions, settings, stop))
+    completer.start()  # its first pass is the start-up recovery of whatever a dead gateway left
+    server.start()
+    log.info("gateway listening on port %d (owner %s, store %s, txn timeout %g s)", settings.port, owner.id,
+             settings.store_path, settings.txn_timeout)
+
+    def on_stop() -> None:
+        stop.set()
+        completer.join(timeout=5)
+        banks.close()
+        sqlite.close()
+        owner.release()
+
+    serving.run_until_signalled(server, health, grace=settings.txn_timeout + 2, on_stop=on_stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_args(argv)
+    serving.configure_logging("gateway")
+    try:
+        serve(settings)
+    except (serving.StartupError, ConfigError, ValueError, OSError) as exc:
+        serving.exit_on_startup_error("gateway", exc)
+
+
+if __name__ == "__main__":
+    main()

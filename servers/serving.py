@@ -1,0 +1,125 @@
+"""What every Strife server shares: TLS material, binding a port, the health service, signals, start-up errors."""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger("strife")
+
+
+class StartupError(Exception):
+    """A server cannot start; the message is the one line the user sees."""
+
+
+def read_file(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise StartupError(f"missing {what} {path} (run `python -m servers.certs` to create certificates)") from exc
+    except OSError as exc:
+        raise StartupError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def server_credentials(certs_dir: Path, name: str, *, require_client_auth: bool) -> grpc.ServerCredentials:
+    key = read_file(certs_dir / f"{name}.key", "private key")
+    cert = read_file(certs_dir / f"{name}.crt", "certificate")
+    ca = read_file(certs_dir / "ca.crt", "CA certificate")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=require_client_auth)
+
+
+def client_credentials(certs_dir: Path, name: str | None = None) -> grpc.ChannelCredentials:
+    """TLS verifying peers with `ca.crt`; with `name`, also present that certificate (mutual TLS)."""
+    ca = read_file(certs_dir / "ca.crt", "CA certificate")
+    if name is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.ssl_channel_credentials(root_certificates=ca,
+                                        private_key=read_file(certs_dir / f"{name}.key", "private key"),
+                                        certificate_chain=read_file(certs_dir / f"{name}.crt", "certificate"))
+
+
+# Channel options for long-lived channels: reconnect quickly after a peer restarts instead of backing off for
+# up to two minutes (gRPC's default), so a bank that comes back is used again within a second.
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+
+def make_server(interceptors: Sequence[grpc.ServerInterceptor], *, max_workers: int = 32) -> grpc.Server:
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+                       interceptors=list(interceptors),
+                       # Without this, a second server on the same port starts silently and shares it.
+                       options=[("grpc.so_reuseport", 0)])
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail with one clear line before gRPC tries (and logs its own multi-line error)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on port {port}: {exc.strerror or exc}") from exc
+
+
+def bind(server: grpc.Server, port: int, credentials: grpc.ServerCredentials, *, host: str = "0.0.0.0") -> int:
+    _check_port_free(host, port)
+    try:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on port {port}: it is already in use or not allowed") from exc
+    if not bound:
+        raise StartupError(f"cannot listen on port {port}: it is already in use or not allowed")
+    return bound
+
+
+def add_health(server: grpc.Server) -> health.HealthServicer:
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+def run_until_signalled(server: grpc.Server, health_servicer: health.HealthServicer, *, grace: float,
+                        on_stop: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; then refuse new calls, let in-flight ones finish within `grace`, clean up."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    while not stop.wait(0.5):
+        pass
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace).wait()
+    if on_stop is not None:
+        on_stop()
+    log.info("stopped")
+
+
+def configure_logging(name: str) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+
+
+def exit_on_startup_error(name: str, exc: Exception) -> "NoReturn":  # type: ignore[name-defined]
+    print(f"{name}: cannot start: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
