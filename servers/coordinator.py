@@ -25,6 +25,7 @@ import grpc
 from protofiles import payment_pb2, payment_pb2_grpc
 from servers import serving
 from servers.certs import GATEWAY_CN
+from servers.faults import crash_point
 from servers.idempotency import Payment, PaymentStore, Point
 from servers.money import bank_of, format_paise, paise_to_rupees
 
@@ -86,7 +87,9 @@ class Coordinator:
     def run(self, payment: Payment) -> payment_pb2.PaymentResponse:
         """Execute a claimed (or resumed, still undecided) payment to its decision and return the response."""
         try:
+            crash_point("after_claim")
             decision = self._prepare(payment)
+            crash_point("after_prepare")
             response = self.response_for(payment, decision)
             self.store.decide(payment, commit=decision.commit, status=decision.status, message=decision.message,
                               response=response.SerializeToString())
@@ -95,12 +98,14 @@ class Coordinator:
             # continues it instead of finding it "in flight" for as long as this process lives.
             self._release_quietly(payment)
             raise
+        crash_point("after_decide")
         decided = Point.COMMIT_DECIDED if decision.commit else Point.ABORT_DECIDED
         patience = self.txn_timeout if decision.commit else min(0.5, self.txn_timeout / 4)
         with self._lock:
             self._delivering.add(payment.id)
         try:
             if self._deliver(payment, decided, patience):
+                crash_point("after_deliver")
                 self.store.finish(payment)
             else:
                 self.store.release(payment)

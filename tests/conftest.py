@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.harness import Cluster, make_certs
+
+
+@pytest.fixture(scope="session")
+def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, certs_dir: Path) -> Iterator[Callable[..., Cluster]]:
+    """Build (and afterwards stop) fresh clusters: `make_cluster(txn_timeout=1, start=True, ...)`."""
+    made: list[Cluster] = []
+
+    def factory(*, start: bool = True, **kwargs) -> Cluster:
+        cluster = Cluster(root=tmp_path / f"cluster{len(made)}", certs_dir=certs_dir, **kwargs)
+        made.append(cluster)
+        return cluster.start() if start else cluster
+
+    yield factory
+    for cluster in made:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
+    return make_cluster()

@@ -1,0 +1,326 @@
+"""Real Strife processes for tests: certificates in a temp dir, banks and a gateway on ephemeral loopback
+ports, SQLite ledgers read straight from disk, and helpers to pay, kill and wait on conditions."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protofiles import payment_pb2 as pb
+from protofiles import payment_pb2_grpc as pbg
+from servers import certs as certs_module
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw", "dave": "dave-pw"}
+USER_ACCOUNTS = {"alice": ["SBI-1001", "HDFC-2002"], "bob": ["HDFC-2001"], "carol": ["SBI-1002", "HDFC-2003"],
+                 "dave": ["SBI-1004"]}
+OPENING = {"SBI": {"SBI-1001": 5000.0, "SBI-1002": 2500.0, "SBI-1003": 1000.0, "SBI-1004": 100.0},
+           "HDFC": {"HDFC-2001": 3000.0, "HDFC-2002": 1500.0, "HDFC-2003": 500.0}}
+_HASHES: dict[str, str] = {}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
+        time.sleep(interval)
+
+
+def write_config(config_dir: Path, bank_addresses: dict[str, str], *, plain_password_users: Iterable[str] = ()
+                 ) -> None:
+    from servers.config import hash_password
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "banks.json").write_text(json.dumps({b: {"address": a} for b, a in bank_addresses.items()}))
+    users = {}
+    for name, accounts in USER_ACCOUNTS.items():
+        if name in plain_password_users:
+            users[name] = {"password": PASSWORDS[name], "accounts": accounts}
+        else:
+            if name not in _HASHES:
+                _HASHES[name] = hash_password(PASSWORDS[name])
+            users[name] = {"password_hash": _HASHES[name], "accounts": accounts}
+    (config_dir / "users.json").write_text(json.dumps(users))
+    for bank, accounts in OPENING.items():
+        (config_dir / f"{bank}_accounts.json").write_text(json.dumps(accounts))
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log_path: Path
+    popen: subprocess.Popen | None = None
+
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. {"STRIFE_CRASH_AT": ...}
+
+    def start(self) -> "Proc":
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen([sys.executable, "-m", *self.args], cwd=REPO, stdout=log,
+                                      stderr=subprocess.STDOUT,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        log.close()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        if self.alive:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.alive:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return None if self.popen is None else self.popen.returncode
+
+    def pause(self) -> None:
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.popen.send_signal(signal.SIGCONT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def health_ok(address: str, credentials: grpc.ChannelCredentials, timeout: float = 1.0) -> bool:
+    with grpc.secure_channel(address, credentials) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class Cluster:
+    """Two banks (SBI, HDFC) and a gateway, each a real process, in `root` (config, certs, data, logs)."""
+    root: Path
+    certs_dir: Path
+    txn_timeout: float = 2.0
+    gateway_args: list[str] = field(default_factory=list)
+    bank_ports: dict[str, int] = field(default_factory=dict)
+    bank_addresses: dict[str, str] = field(default_factory=dict)  # what the gateway dials (maybe a proxy)
+    gateway_port: int = 0
+    procs: dict[str, Proc] = field(default_factory=dict)
+    _channels: list[grpc.Channel] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.config_dir = self.root / "config"
+        self.data_dir = self.root / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for bank in OPENING:
+            self.bank_ports.setdefault(bank, free_port())
+            self.bank_addresses.setdefault(bank, f"localhost:{self.bank_ports[bank]}")
+        self.gateway_port = self.gateway_port or free_port()
+        write_config(self.config_dir, self.bank_addresses)
+
+    # ---- processes -----------------------------------------------------------------------------------------
+    def _common(self) -> list[str]:
+        return ["--config-dir", str(self.config_dir), "--certs-dir", str(self.certs_dir),
+                "--data-dir", str(self.data_dir)]
+
+    def bank_proc(self, bank: str) -> Proc:
+        return Proc(bank, ["servers.bank_server", "--bank", bank, "--port", str(self.bank_ports[bank]),
+                           *self._common()], self.root / f"{bank}.log")
+
+    def gateway_proc(self, port: int | None = None, name: str = "gateway") -> Proc:
+        return Proc(name, ["servers.gateway_server", "--port", str(port or self.gateway_port),
+                           "--txn-timeout", str(self.txn_timeout), "--completer-interval", "0.2",
+                           *self.gateway_args, *self._common()], self.root / f"{name}.log")
+
+    def start(self) -> "Cluster":
+        for bank in OPENING:
+            self.procs[bank] = self.bank_proc(bank).start()
+        self.procs["gateway"] = self.gateway_proc().start()
+        for bank in OPENING:
+            self.wait_bank(bank)
+        self.wait_gateway()
+        return self
+
+    def restart(self, name: str) -> Proc:
+        proc = self.procs[name]
+        proc.kill()
+        self.procs[name] = Proc(proc.name, proc.args, proc.log_path).start()  # without crash points
+        if name == "gateway":
+            self.wait_gateway()
+        else:
+            self.wait_bank(name)
+        return self.procs[name]
+
+    def wait_bank(self, bank: str, timeout: float = 20) -> None:
+        creds = certs_module_client_credentials(self.certs_dir, "gateway")
+        wait_until(lambda: self._check_alive(bank) and health_ok(f"localhost:{self.bank_ports[bank]}", creds),
+                   timeout, 0.05, f"bank {bank} health")
+
+    def wait_gateway(self, port: int | None = None, name: str = "gateway", timeout: float = 20) -> None:
+        creds = grpc.ssl_channel_credentials((self.certs_dir / "ca.crt").read_bytes())
+        wait_until(lambda: self._check_alive(name) and health_ok(f"localhost:{port or self.gateway_port}", creds),
+                   timeout, 0.05, f"{name} health")
+
+    def _check_alive(self, name: str) -> bool:
+        proc = self.procs[name]
+        if not proc.alive:
+            raise AssertionError(f"{name} exited with {proc.popen.returncode}:\n{proc.log()[-3000:]}")
+        return True
+
+    def stop(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        for proc in self.procs.values():
+            if proc.alive:
+                try:
+                    proc.resume()
+                except (ProcessLookupError, AttributeError):
+                    pass
+            proc.stop()
+
+    # ---- clients -------------------------------------------------------------------------------------------
+    def channel(self, address: str | None = None) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials((self.certs_dir / "ca.crt").read_bytes())
+        channel = grpc.secure_channel(address or f"localhost:{self.gateway_port}", creds,
+                                      options=[("grpc.initial_reconnect_backoff_ms", 100),
+                                               ("grpc.max_reconnect_backoff_ms", 500)])
+        self._channels.append(channel)
+        return channel
+
+    def client(self, user: str = "alice", address: str | None = None) -> "Client":
+        stub = pbg.PaymentGatewayStub(self.channel(address))
+        token = stub.Login(pb.LoginRequest(username=user, password=PASSWORDS[user]), timeout=10).token
+        return Client(stub, user, token)
+
+    def bank_stub(self, bank: str, cert_name: str | None = "gateway") -> pbg.BankStub:
+        creds = certs_module_client_credentials(self.certs_dir, cert_name)
+        channel = grpc.secure_channel(f"localhost:{self.bank_ports[bank]}", creds)
+        self._channels.append(channel)
+        return pbg.BankStub(channel)
+
+    # ---- reading the truth from disk -------------------------------------------------------------------------
+    def ledger(self, bank: str) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.data_dir / f'bank_{bank}.sqlite3'}?mode=ro", uri=True, timeout=30)
+
+    def accounts(self) -> dict[str, tuple[int, int]]:
+        """Every account of every bank → (balance, held), in paise, from the ledgers on disk."""
+        out: dict[str, tuple[int, int]] = {}
+        for bank in OPENING:
+            with self.ledger(bank) as db:
+                out.update({a: (b, h) for a, b, h in db.execute("SELECT account, balance, held FROM accounts")})
+        return out
+
+    def balance(self, account: str) -> int:
+        return self.accounts()[account][0]
+
+    def total(self) -> int:
+        return sum(b for b, _ in self.accounts().values())
+
+    def holds(self) -> int:
+        return sum(h for _, h in self.accounts().values())
+
+    def txn_states(self, bank: str) -> dict[str, str]:
+        with self.ledger(bank) as db:
+            return dict(db.execute("SELECT txn_id, state FROM transactions"))
+
+    def gateway_db(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.data_dir / 'gateway.sqlite3'}?mode=ro", uri=True, timeout=30)
+
+    def unfinished_payments(self) -> int:
+        with self.gateway_db() as db:
+            return db.execute("SELECT count(*) FROM idempotency_keys WHERE recovery_point != 'finished'").fetchone()[0]
+
+
+OPENING_TOTAL = sum(int(round(v * 100)) for accounts in OPENING.values() for v in accounts.values())
+
+
+def certs_module_client_credentials(certs_dir: Path, name: str | None) -> grpc.ChannelCredentials:
+    ca = (certs_dir / "ca.crt").read_bytes()
+    if name is None:
+        return grpc.ssl_channel_credentials(ca)
+    return grpc.ssl_channel_credentials(ca, (certs_dir / f"{name}.key").read_bytes(),
+                                        (certs_dir / f"{name}.crt").read_bytes())
+
+
+@dataclass
+class Client:
+    stub: pbg.PaymentGatewayStub
+    user: str
+    token: str
+
+    def md(self, key: str | None = None) -> list[tuple[str, str]]:
+        md = [("authorization", f"Bearer {self.token}")]
+        if key is not None:
+            md.append(("idempotency-key", key))
+        return md
+
+    def pay(self, key: str | None, from_account: str, to_account: str, amount: float, *,
+            timeout: float = 15, transaction_id: str = "") -> pb.PaymentResponse:
+        return self.stub.ProcessPayment(pb.PaymentRequest(transaction_id=transaction_id, from_account=from_account,
+                                                          to_account=to_account, amount=amount),
+                                        metadata=self.md(key), timeout=timeout)
+
+    def pay_with_call(self, key: str, from_account: str, to_account: str, amount: float, timeout: float = 15
+                      ) -> tuple[pb.PaymentResponse, dict[str, str]]:
+        response, call = self.stub.ProcessPayment.with_call(
+            pb.PaymentRequest(from_account=from_account, to_account=to_account, amount=amount),
+            metadata=self.md(key), timeout=timeout)
+        return response, dict(call.initial_metadata())
+
+    def pay_until_final(self, key: str, from_account: str, to_account: str, amount: float,
+                        deadline: float = 60, per_call_timeout: float = 5) -> pb.PaymentResponse:
+        """Retry with the same key, as a wallet would, until the gateway gives a final answer."""
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                return self.pay(key, from_account, to_account, amount, timeout=per_call_timeout)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
+                                      grpc.StatusCode.UNAUTHENTICATED):
+                    raise
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                if time.monotonic() > end:
+                    raise AssertionError(f"no final answer for key {key} within {deadline} s: {exc.code()}")
+                time.sleep(0.05)
+
+    def balances(self) -> pb.GatewayBalanceResponse:
+        return self.stub.GetBalance(pb.GatewayBalanceRequest(), metadata=self.md(), timeout=10)
+
+    def history(self, limit: int = 0) -> list[pb.PaymentRecord]:
+        return list(self.stub.ListPayments(pb.ListPaymentsRequest(limit=limit), metadata=self.md(),
+                                           timeout=10).payments)
+
+
+def make_certs(directory: Path) -> Path:
+    certs_module.generate(directory, sorted(OPENING))
+    return directory

@@ -1,0 +1,121 @@
+"""A small TCP proxy for fault injection: cut a link, or let requests through and lose the replies.
+
+TLS passes through untouched (the proxy only copies bytes), so clients still verify the real server.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class TcpProxy:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._conns: set[tuple[socket.socket, socket.socket]] = set()
+        self._cut = False
+        self._drop_replies = 0          # how many replies still to lose (-1: all of them)
+        self.dropped_replies = 0
+        self.connections = 0
+        self._closed = False
+        threading.Thread(target=self._accept_loop, daemon=True, name=f"proxy:{self.port}").start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    # ---- controls ------------------------------------------------------------------------------------------
+    def cut(self) -> None:
+        """Close every open connection and refuse new ones until `restore()`."""
+        with self._lock:
+            self._cut = True
+            conns = list(self._conns)
+        for pair in conns:
+            self._close_pair(pair)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._cut = False
+            self._drop_replies = 0
+
+    def drop_replies(self, count: int = 1) -> None:
+        """Let requests through but lose the next `count` replies (-1: every reply): the first bytes coming
+        back from the server on a connection are discarded and that connection is reset."""
+        with self._lock:
+            self._drop_replies = count
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+
+    # ---- plumbing ------------------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                refuse = self._cut
+            if refuse:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            pair = (client, upstream)
+            with self._lock:
+                self._conns.add(pair)
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(pair, client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(pair, upstream, client, True), daemon=True).start()
+
+    def _pump(self, pair: tuple[socket.socket, socket.socket], src: socket.socket, dst: socket.socket,
+              is_reply: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if is_reply:
+                    with self._lock:
+                        lose = self._drop_replies != 0
+                        if lose:
+                            if self._drop_replies > 0:
+                                self._drop_replies -= 1
+                            self.dropped_replies += 1
+                    if lose:
+                        break
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._close_pair(pair)
+
+    def _close_pair(self, pair: tuple[socket.socket, socket.socket]) -> None:
+        with self._lock:
+            self._conns.discard(pair)
+        for sock in pair:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            except OSError:
+                pass
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv on it
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
