@@ -1,0 +1,185 @@
+"""Start Strife: certificates if missing, every bank of banks.json, the gateway, then the wallet.
+
+    python run_all.py                  # servers in the background, the wallet in the foreground
+    python run_all.py --servers-only   # servers only, until Ctrl+C / SIGTERM
+
+Server logs go to <data-dir>/logs/<name>.log, never over the wallet's screen. Quitting the wallet (or
+Ctrl+C / SIGTERM) stops every server this script started.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from servers import certs
+from servers.config import ConfigError, load_banks
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Start the Strife banks, gateway and wallet.")
+    parser.add_argument("--config-dir", type=Path, default=Path("config"))
+    parser.add_argument("--certs-dir", type=Path, default=Path("certificates"))
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--gateway-port", type=int, default=50053)
+    parser.add_argument("--txn-timeout", type=float, default=None, help="passed to the gateway")
+    parser.add_argument("--poll-interval", type=float, default=None, help="passed to the wallet")
+    parser.add_argument("--servers-only", action="store_true", help="run the servers until Ctrl+C / SIGTERM")
+    parser.add_argument("--startup-timeout", type=float, default=30.0)
+    return parser.parse_args(argv)
+
+
+class Server:
+    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            # A session of its own: Ctrl+C typed in the wallet must not reach the servers; we stop them.
+            self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=HERE, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def last_lines(self, n: int = 5) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def healthy(address: str, credentials: grpc.ChannelCredentials) -> bool:
+    with grpc.secure_channel(address, credentials) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_healthy(servers: list[tuple[Server, str]], credentials: grpc.ChannelCredentials, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = list(servers)
+    while waiting:
+        for server, address in list(waiting):
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{server.name} exited with code {server.proc.returncode}:\n"
+                                   f"{server.last_lines()}\n(full log: {server.log_path})")
+            if healthy(address, credentials):
+                waiting.remove((server, address))
+        if waiting and time.monotonic() > deadline:
+            names = ", ".join(s.name for s, _ in waiting)
+            raise RuntimeError(f"{names} did not become healthy within {timeout:g} s (logs in {server.log_path.parent})")
+        if waiting:
+            time.sleep(0.1)
+
+
+def start_servers(args: argparse.Namespace) -> list[Server]:
+    banks = load_banks(args.config_dir)
+    if certs.ensure(args.certs_dir, sorted(banks)):
+        print(f"created certificates in {args.certs_dir}")
+    common = ["--config-dir", str(args.config_dir.resolve()), "--certs-dir", str(args.certs_dir.resolve()),
+              "--data-dir", str(args.data_dir.resolve())]
+    logs = args.data_dir / "logs"
+    started: list[Server] = []
+    to_check: list[tuple[Server, str]] = []
+    try:
+        for bank, address in sorted(banks.items()):
+            port = address.rsplit(":", 1)[1]
+            server = Server(f"bank {bank}", ["servers.bank_server", "--bank", bank, "--port", port, *common],
+                            logs / f"bank_{bank}.log")
+            started.append(server)
+            to_check.append((server, f"localhost:{port}"))
+        gateway_args = ["servers.gateway_server", "--port", str(args.gateway_port), *common]
+        if args.txn_timeout is not None:
+            gateway_args += ["--txn-timeout", str(args.txn_timeout)]
+        gateway = Server("gateway", gateway_args, logs / "gateway.log")
+        started.append(gateway)
+        to_check.append((gateway, f"localhost:{args.gateway_port}"))
+        # Banks demand a client certificate even for health checks: check as the gateway does.
+        credentials = grpc.ssl_channel_credentials(
+            (args.certs_dir / "ca.crt").read_bytes(), (args.certs_dir / "gateway.key").read_bytes(),
+            (args.certs_dir / "gateway.crt").read_bytes())
+        wait_healthy(to_check, credentials, args.startup_timeout)
+        for server in started:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{server.name} exited with code {server.proc.returncode}:\n"
+                                   f"{server.last_lines()}\n(full log: {server.log_path})")
+    except BaseException:
+        stop_all(started)
+        raise
+    return started
+
+
+def stop_all(servers: list[Server]) -> None:
+    for server in reversed(servers):  # the gateway first, so no payment starts against a stopping bank
+        server.stop()
+
+
+def wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def run_wallet(args: argparse.Namespace) -> int:
+    command = [sys.executable, "-m", "wallet_tui", "--gateway", f"localhost:{args.gateway_port}",
+               "--certs-dir", str(args.certs_dir), "--data-dir", str(args.data_dir)]
+    if args.poll_interval is not None:
+        command += ["--poll-interval", str(args.poll_interval)]
+    # The wallet owns the terminal; this process only waits, and ignores the Ctrl+C meant for the wallet.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    wallet = subprocess.Popen(command, cwd=Path.cwd())
+    terminate = signal.signal(signal.SIGTERM, lambda *_: wallet.terminate())
+    try:
+        return wallet.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    wallet_available = importlib.util.find_spec("wallet_tui") is not None
+    if not args.servers_only and not wallet_available:
+        print("run_all: the wallet is not installed in this checkout; use --servers-only", file=sys.stderr)
+        return 2
+    try:
+        servers = start_servers(args)
+    except (ConfigError, RuntimeError, OSError) as exc:
+        print(f"run_all: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.servers_only:
+            print(f"Strife is running: {len(servers) - 1} banks and the gateway on localhost:{args.gateway_port}"
+                  f" (logs in {args.data_dir / 'logs'}). Ctrl+C stops everything.", flush=True)
+            wait_for_signal()
+            return 0
+        return run_wallet(args)
+    finally:
+        stop_all(servers)
+        print("run_all: all servers stopped", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`run_all.py --servers-only` starts every server (making certificates), and SIGTERM stops them all."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+from protofiles import payment_pb2 as pb
+from protofiles import payment_pb2_grpc as pbg
+from tests.harness import (OPENING, PASSWORDS, REPO, certs_module_client_credentials, free_port, health_ok,
+                           wait_until, write_config)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and "servers." in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_run_all_servers_only_starts_everything_and_sigterm_stops_everything(tmp_path: Path) -> None:
+    ports = {bank: free_port() for bank in OPENING}
+    gateway_port = free_port()
+    config, certs, data = tmp_path / "config", tmp_path / "certs", tmp_path / "data"
+    write_config(config, {bank: f"localhost:{port}" for bank, port in ports.items()})
+    proc = subprocess.Popen([sys.executable, "run_all.py", "--servers-only", "--config-dir", str(config),
+                             "--certs-dir", str(certs), "--data-dir", str(data), "--gateway-port", str(gateway_port)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = ""
+        while "Strife is running" not in banner:  # readline blocks until run_all reports every server healthy
+            line = proc.stdout.readline()
+            assert line, f"run_all exited early: {banner}"
+            banner += line
+        assert "created certificates" in banner
+        assert {p.name for p in certs.iterdir()} >= {"ca.crt", "gateway.crt", "gateway.key", "SBI.crt", "HDFC.key"}
+        mtls = certs_module_client_credentials(certs, "gateway")
+        for port in ports.values():
+            assert health_ok(f"localhost:{port}", mtls)
+        assert health_ok(f"localhost:{gateway_port}", grpc.ssl_channel_credentials((certs / "ca.crt").read_bytes()))
+        assert len(_processes_mentioning(str(data))) == 3
+
+        with grpc.secure_channel(f"localhost:{gateway_port}",
+                                 grpc.ssl_channel_credentials((certs / "ca.crt").read_bytes())) as channel:
+            stub = pbg.PaymentGatewayStub(channel)
+            token = stub.Login(pb.LoginRequest(username="alice", password=PASSWORDS["alice"]), timeout=10).token
+            md = [("authorization", f"Bearer {token}"), ("idempotency-key", "run-all-1")]
+            paid = stub.ProcessPayment(pb.PaymentRequest(from_account="SBI-1001", to_account="HDFC-2001",
+                                                         amount=12.5), metadata=md, timeout=10)
+            assert paid.success
+        assert {p.name for p in (data / "logs").iterdir()} == {"bank_SBI.log", "bank_HDFC.log", "gateway.log"}
+        assert "ProcessPayment" in (data / "logs" / "gateway.log").read_text()
+
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "all servers stopped" in out
+        assert _processes_mentioning(str(data)) == []
+        for port in ports.values():
+            assert not health_ok(f"localhost:{port}", mtls, timeout=0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_mentioning(str(data)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_run_all_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    with socket.socket() as squatter:  # another program already holds HDFC's port
+        squatter.bind(("0.0.0.0", 0))
+        squatter.listen()
+        write_config(config, {"SBI": f"localhost:{free_port()}", "HDFC": f"localhost:{squatter.getsockname()[1]}"})
+        result = subprocess.run([sys.executable, "run_all.py", "--servers-only", "--config-dir", str(config),
+                                 "--certs-dir", str(tmp_path / "certs"), "--data-dir", str(tmp_path / "data"),
+                                 "--gateway-port", str(free_port())], cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode != 0
+    assert "cannot start" in result.stderr and "port" in result.stderr
+    wait_until(lambda: _processes_mentioning(str(tmp_path / "data")) == [], 10, message="no server left running")
