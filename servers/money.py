@@ -51,7 +51,7 @@ def format_paise(paise: int) -> str:
 
 def bank_of(account: str) -> str:
     """The bank part of `<BANK>-<digits>`; raises ValueError for a malformed account number."""
-    match = ACCOUNT_RE.match(account)
+    match = ACCOUNT_RE.fullmatch(account)  # not .match: "$" would let a trailing newline through
     if not match:
         raise ValueError(f"malformed account number {account[:40]!r} (expected BANK-digits, e.g. SBI-1001)")
     return match.group(1)
