@@ -259,6 +259,11 @@ class BankStub:
                 request_serializer=protofiles_dot_payment__pb2.BankBalanceRequest.SerializeToString,
                 response_deserializer=protofiles_dot_payment__pb2.BankBalanceResponse.FromString,
                 _registered_method=True)
+        self.Exchange = channel.stream_stream(
+                '/Bank/Exchange',
+                request_serializer=protofiles_dot_payment__pb2.BankMessage.SerializeToString,
+                response_deserializer=protofiles_dot_payment__pb2.BankReply.FromString,
+                _registered_method=True)
 
 
 class BankServicer:
@@ -291,6 +296,14 @@ class BankServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request_iterator, context):
+        """The gateway's long-lived 2PC link: Prepare/Commit/Abort as messages on one stream, answered by id, so a
+        payment costs no per-call set-up. Same rules and same idempotency as the unary methods above.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BankServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -313,6 +326,11 @@ def add_BankServicer_to_server(servicer, server):
                     servicer.GetBalance,
                     request_deserializer=protofiles_dot_payment__pb2.BankBalanceRequest.FromString,
                     response_serializer=protofiles_dot_payment__pb2.BankBalanceResponse.SerializeToString,
+            ),
+            'Exchange': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=protofiles_dot_payment__pb2.BankMessage.FromString,
+                    response_serializer=protofiles_dot_payment__pb2.BankReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -423,6 +441,33 @@ class Bank:
             '/Bank/GetBalance',
             protofiles_dot_payment__pb2.BankBalanceRequest.SerializeToString,
             protofiles_dot_payment__pb2.BankBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/Bank/Exchange',
+            protofiles_dot_payment__pb2.BankMessage.SerializeToString,
+            protofiles_dot_payment__pb2.BankReply.FromString,
             options,
             channel_credentials,
             insecure,

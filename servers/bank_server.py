@@ -2,14 +2,21 @@
 
     python -m servers.bank_server --bank SBI --port 50051 [--config-dir config] [--certs-dir certificates]
                                   [--data-dir data]
+
+Prepare, Commit and Abort are served both as unary RPCs and as messages on the gateway's long-lived
+`Exchange` stream; both go through one group committer, so concurrent operations share a transaction and
+its fsync, and every answer leaves only after its change is on disk.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator
 
 import grpc
 
@@ -17,9 +24,10 @@ from protofiles import payment_pb2, payment_pb2_grpc
 from servers import serving
 from servers.certs import GATEWAY_CN
 from servers.config import ConfigError, load_banks, load_opening_balances
-from servers.interceptors import LoggingInterceptor, PeerCertInterceptor, note
+from servers.interceptors import LoggingInterceptor, Malformed, PeerCertInterceptor, log_call, note
 from servers.ledger import Ledger
 from servers.money import MAX_PAYMENT_PAISE, MoneyError, bank_of, paise_to_rupees, rupees_to_paise
+from servers.sqlite_store import GroupCommitter
 
 log = logging.getLogger("strife.bank")
 _MAX_TXN_ID = 255
@@ -49,51 +57,156 @@ def parse_args(argv: list[str] | None = None) -> BankSettings:
     return BankSettings(args.bank, args.port, args.config_dir, args.certs_dir, args.data_dir)
 
 
+class Refused(Exception):
+    """A request that is malformed in itself (not a business NO): answered with INVALID_ARGUMENT."""
+
+
+def _check_txn_id(txn_id: str) -> str:
+    if not txn_id or len(txn_id) > _MAX_TXN_ID:
+        raise Refused(f"transaction_id must be 1–{_MAX_TXN_ID} characters")
+    return txn_id
+
+
+def _prepare_args(request: payment_pb2.PrepareRequest) -> tuple[str, str, str, int]:
+    txn_id = _check_txn_id(request.transaction_id)
+    try:
+        amount = rupees_to_paise(request.amount, maximum=MAX_PAYMENT_PAISE)
+        bank_of(request.from_account), bank_of(request.to_account)
+    except (MoneyError, ValueError) as exc:
+        raise Refused(str(exc)) from exc
+    return txn_id, request.from_account, request.to_account, amount
+
+
 class BankServicer(payment_pb2_grpc.BankServicer):
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, committer: GroupCommitter) -> None:
         self.ledger = ledger
+        self.db = committer
+        self._readers: set[asyncio.Task] = set()
+
+    def stop_streams(self) -> None:
+        """Shutting down: every Exchange stream stops taking messages, answers what it took, and ends."""
+        for reader in list(self._readers):
+            reader.cancel()
+
+    # ---- the three 2PC operations, shared by the unary methods and the stream ------------------------------
+    def _start(self, kind: str, body: object) -> "asyncio.Future":
+        """Validate and queue one operation (synchronously, so operations reach the ledger in arrival order)."""
+        if kind == "prepare":
+            return asyncio.wrap_future(self.db.submit(self.ledger.prepare_in, *_prepare_args(body)))
+        txn_id = _check_txn_id(body.transaction_id)
+        operation = self.ledger.commit_in if kind == "commit" else self.ledger.abort_in
+        return asyncio.wrap_future(self.db.submit(operation, txn_id))
 
     @staticmethod
-    def _txn_id(request: object, context: grpc.ServicerContext) -> str:
-        txn_id = getattr(request, "transaction_id")
-        note(txn=txn_id[:80])
-        if not txn_id or len(txn_id) > _MAX_TXN_ID:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transaction_id must be 1–{_MAX_TXN_ID} characters")
-        return txn_id
+    def _to_message(kind: str, result: object) -> payment_pb2.Vote | payment_pb2.Ack:
+        if kind == "prepare":
+            return payment_pb2.Vote(vote=result.yes, reason=result.reason)
+        return payment_pb2.Ack(success=result.ok, message=result.message)
 
-    def Prepare(self, request: payment_pb2.PrepareRequest, context: grpc.ServicerContext) -> payment_pb2.Vote:
-        txn_id = self._txn_id(request, context)
+    async def _unary(self, kind: str, request: object, context: grpc.aio.ServicerContext) -> object:
+        note(txn=request.transaction_id[:80])
+        if kind == "prepare":
+            note(amount=f"{request.amount:.2f}")
         try:
-            amount = rupees_to_paise(request.amount, maximum=MAX_PAYMENT_PAISE)
-            bank_of(request.from_account), bank_of(request.to_account)
-        except (MoneyError, ValueError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        note(amount=f"{paise_to_rupees(amount):.2f}")
-        vote = self.ledger.prepare(txn_id, request.from_account, request.to_account, amount)
-        note(vote="yes" if vote.yes else "no")
-        return payment_pb2.Vote(vote=vote.yes, reason=vote.reason)
+            future = self._start(kind, request)
+        except Refused as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        result = await future
+        if kind == "prepare":
+            note(vote="yes" if result.yes else "no")
+        return self._to_message(kind, result)
 
-    def Commit(self, request: payment_pb2.CommitRequest, context: grpc.ServicerContext) -> payment_pb2.Ack:
-        outcome = self.ledger.commit(self._txn_id(request, context))
-        return payment_pb2.Ack(success=outcome.ok, message=outcome.message)
+    async def Prepare(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary("prepare", request, context)
 
-    def Abort(self, request: payment_pb2.AbortRequest, context: grpc.ServicerContext) -> payment_pb2.Ack:
-        outcome = self.ledger.abort(self._txn_id(request, context))
-        return payment_pb2.Ack(success=outcome.ok, message=outcome.message)
+    async def Commit(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary("commit", request, context)
 
-    def GetBalance(self, request: payment_pb2.BankBalanceRequest,
-                   context: grpc.ServicerContext) -> payment_pb2.BankBalanceResponse:
+    async def Abort(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary("abort", request, context)
+
+    async def Exchange(self, request_iterator: AsyncIterator[payment_pb2.BankMessage],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[payment_pb2.BankReply]:
+        replies: asyncio.Queue[payment_pb2.BankReply | None] = asyncio.Queue()
+        peer = context.peer()
+        answering: set[asyncio.Task] = set()
+        refused: list[str] = []  # set when the peer sent bytes that are not a message: the stream is ended
+
+        async def answer(message: payment_pb2.BankMessage, kind: str, future: asyncio.Future, started: float) -> None:
+            body = getattr(message, kind)
+            notes = {"txn": body.transaction_id[:80], "via": "stream"}
+            if kind == "prepare":
+                notes["amount"] = f"{body.amount:.2f}"
+            try:
+                result = await future
+            except Exception as exc:  # noqa: BLE001 - the ledger failed: tell the gateway, keep the stream
+                log_call(f"/Bank/{kind.capitalize()}", peer, notes, grpc.StatusCode.INTERNAL, str(exc), started)
+                replies.put_nowait(payment_pb2.BankReply(id=message.id, error_code=grpc.StatusCode.INTERNAL.value[0],
+                                                         error=f"ledger error: {exc}"))
+                return
+            reply = payment_pb2.BankReply(id=message.id)
+            if kind == "prepare":
+                reply.vote.CopyFrom(self._to_message(kind, result))
+                notes["vote"] = "yes" if result.yes else "no"
+            else:
+                reply.ack.CopyFrom(self._to_message(kind, result))
+            log_call(f"/Bank/{kind.capitalize()}", peer, notes, grpc.StatusCode.OK, getattr(result, "message", ""),
+                     started)
+            replies.put_nowait(reply)
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    started = time.perf_counter()
+                    if isinstance(message, Malformed):
+                        refused.append(f"the message is not a valid BankMessage ({message.error})")
+                        break
+                    kind = message.WhichOneof("body")
+                    if kind is None:
+                        replies.put_nowait(payment_pb2.BankReply(
+                            id=message.id, error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error="empty message"))
+                        continue
+                    try:
+                        future = self._start(kind, getattr(message, kind))
+                    except Refused as exc:
+                        replies.put_nowait(payment_pb2.BankReply(
+                            id=message.id, error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=str(exc)))
+                        continue
+                    task = asyncio.ensure_future(answer(message, kind, future, started))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
+            except asyncio.CancelledError:
+                pass  # the bank is stopping: take no more messages, but answer those already taken
+            finally:
+                if answering:
+                    await asyncio.gather(*answering, return_exceptions=True)
+                replies.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+        if refused:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused[0])
+
+    async def GetBalance(self, request: payment_pb2.BankBalanceRequest,
+                         context: grpc.aio.ServicerContext) -> payment_pb2.BankBalanceResponse:
         account = request.account_number
         note(account=account[:80])
         balance = self.ledger.balance(account)
         if balance is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"account {account[:80]} does not exist at {self.ledger.bank}")
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"account {account[:80]} does not exist at {self.ledger.bank}")
         return payment_pb2.BankBalanceResponse(balance=paise_to_rupees(balance.balance),
                                                available=paise_to_rupees(balance.available),
                                                balance_paise=balance.balance, available_paise=balance.available)
 
 
-def serve(settings: BankSettings) -> None:
+async def serve(settings: BankSettings) -> None:
     banks = load_banks(settings.config_dir)
     if settings.bank not in banks:
         raise ConfigError(f"bank {settings.bank!r} is not in {settings.config_dir / 'banks.json'}"
@@ -101,20 +214,27 @@ def serve(settings: BankSettings) -> None:
     credentials = serving.server_credentials(settings.certs_dir, settings.bank, require_client_auth=True)
     ledger = Ledger(settings.ledger_path, settings.bank,
                     lambda: load_opening_balances(settings.config_dir, settings.bank))
+    committer = GroupCommitter(ledger.store)
     server = serving.make_server([LoggingInterceptor(), PeerCertInterceptor({GATEWAY_CN})])
-    payment_pb2_grpc.add_BankServicer_to_server(BankServicer(ledger), server)
-    health = serving.add_health(server)
+    servicer = BankServicer(ledger, committer)
+    payment_pb2_grpc.add_BankServicer_to_server(servicer, server)
+    health = await serving.add_health(server)
     serving.bind(server, settings.port, credentials)
-    server.start()
+    await server.start()
     log.info("bank %s listening on port %d, ledger %s", settings.bank, settings.port, settings.ledger_path)
-    serving.run_until_signalled(server, health, grace=5.0, on_stop=ledger.close)
+
+    async def on_stop() -> None:
+        committer.close()
+        ledger.close()
+
+    await serving.run_until_signalled(server, health, grace=5.0, on_stop=on_stop, before_stop=servicer.stop_streams)
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     serving.configure_logging(f"bank[{settings.bank}]")
     try:
-        serve(settings)
+        asyncio.run(serve(settings))
     except (serving.StartupError, ConfigError, ValueError, OSError) as exc:
         serving.exit_on_startup_error(f"bank {settings.bank}", exc)
 

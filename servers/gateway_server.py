@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +19,12 @@ from protofiles import payment_pb2, payment_pb2_grpc
 from servers import serving
 from servers.config import ConfigError, User, load_banks, load_users, verify_password
 from servers.coordinator import STATUS_ENUM, Banks, Coordinator
-from servers.idempotency import ClaimKind, PaymentStore
+from servers.idempotency import ClaimKind, Payment, PaymentStore, fingerprint
 from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, current_user, note
 from servers.liveness import Owner
 from servers.money import MAX_PAYMENT_PAISE, MoneyError, bank_of, paise_to_rupees, rupees_to_paise
 from servers.sessions import Sessions
-from servers.sqlite_store import SQLiteStore
+from servers.sqlite_store import GroupCommitter, SQLiteStore
 
 log = logging.getLogger("strife.gateway")
 
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
 
 
 def _metadata(context: grpc.ServicerContext, key: str) -> list[str]:
-    return [v for k, v in context.invocation_metadata() if k == key and isinstance(v, str)]
+    return [v for k, v in (context.invocation_metadata() or ()) if k == key and isinstance(v, str)]
 
 
 def _valid_key(key: str) -> bool:
@@ -89,116 +89,143 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         self.sessions = sessions
         self.coordinator = coordinator
         self.store = coordinator.store
+        self.db = coordinator.db
+        self.running: set[asyncio.Task] = set()  # payments being executed, shielded from their callers
 
-    def Login(self, request: payment_pb2.LoginRequest, context: grpc.ServicerContext) -> payment_pb2.LoginResponse:
+    async def Login(self, request: payment_pb2.LoginRequest,
+                    context: grpc.aio.ServicerContext) -> payment_pb2.LoginResponse:
         note(user=request.username[:64])
         user = self.users.get(request.username)
+        loop = asyncio.get_running_loop()
+        # scrypt is deliberately slow: check it off the event loop so other calls are not held up.
         if user is None or len(request.password) > 1024:
-            verify_password(request.password[:1024], _DUMMY_HASH)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
-        if not user.check_password(request.password):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
-        token, expires = self.sessions.create(user.username)
+            await loop.run_in_executor(None, verify_password, request.password[:1024], _DUMMY_HASH)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
+        if not await loop.run_in_executor(None, user.check_password, request.password):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
+        token, expires = await self.db.run(self.sessions.create_in, user.username)
         return payment_pb2.LoginResponse(token=token, expires_at_unix=int(expires), accounts=list(user.accounts))
 
-    def _idempotency_key(self, request: payment_pb2.PaymentRequest, context: grpc.ServicerContext) -> str:
+    @staticmethod
+    async def _idempotency_key(request: payment_pb2.PaymentRequest, context: grpc.aio.ServicerContext) -> str:
         values = _metadata(context, "idempotency-key")
         if len(values) > 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send one idempotency-key, not several")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send one idempotency-key, not several")
         key = values[0] if values else request.transaction_id
         if not key:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "missing idempotency key: send 'idempotency-key' metadata (or transaction_id)")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "missing idempotency key: send 'idempotency-key' metadata (or transaction_id)")
         if not _valid_key(key):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"idempotency key must be 1–{MAX_KEY_LENGTH} printable ASCII characters")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"idempotency key must be 1–{MAX_KEY_LENGTH} printable ASCII characters")
         return key
 
-    def ProcessPayment(self, request: payment_pb2.PaymentRequest,
-                       context: grpc.ServicerContext) -> payment_pb2.PaymentResponse:
-        username = current_user()
-        key = self._idempotency_key(request, context)
-        note(key=key, amount=request.amount, to=request.to_account[:40])
-        invalid = lambda msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
+    async def _validate(self, username: str, request: payment_pb2.PaymentRequest,
+                        context: grpc.aio.ServicerContext) -> int:
+        """Every check that needs no store; returns the amount in paise."""
         for field, account in (("from_account", request.from_account), ("to_account", request.to_account)):
             try:
                 bank = bank_of(account)
             except ValueError as exc:
-                invalid(f"{field}: {exc}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {exc}")
             if bank not in self.banks:
-                invalid(f"{field}: unknown bank {bank!r}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: unknown bank {bank!r}")
         if request.from_account not in self.users[username].accounts:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"account {request.from_account} does not belong to {username}")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"account {request.from_account} does not belong to {username}")
         if request.from_account == request.to_account:
-            invalid("from_account and to_account are the same account")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "from_account and to_account are the same account")
         try:
-            amount = rupees_to_paise(request.amount)
+            return rupees_to_paise(request.amount)
         except MoneyError as exc:
-            invalid(str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("unreachable")  # pragma: no cover
 
-        claim = self.store.claim(username, key, request.from_account, request.to_account, amount)
+    async def _replay(self, payment: Payment, context: grpc.aio.ServicerContext) -> payment_pb2.PaymentResponse:
+        note(retry_kind="replay", txn=payment.txn_id)
+        response = payment_pb2.PaymentResponse.FromString(payment.response)
+        response.replayed = True
+        await context.send_initial_metadata((("idempotent-replayed", "true"),))
+        return response
+
+    async def ProcessPayment(self, request: payment_pb2.PaymentRequest,
+                             context: grpc.aio.ServicerContext) -> payment_pb2.PaymentResponse:
+        username = current_user()
+        key = await self._idempotency_key(request, context)
+        note(key=key, amount=request.amount, to=request.to_account[:40])
+        amount = await self._validate(username, request, context)
+
+        # Fast path: a decided key's stored response never changes, so a plain read can serve the replay.
+        seen = self.store.lookup(username, key)
+        if seen is not None and seen[0].response is not None and \
+                seen[1] == fingerprint(request.from_account, request.to_account, amount):
+            return await self._replay(seen[0], context)
+
+        claim = await self.db.run(self.store.claim_in, username, key, request.from_account, request.to_account,
+                                  amount)
+        self.store.forget_previous_owner(claim)
         if claim.kind is ClaimKind.MISMATCH:
             note(retry_kind="mismatch")
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "this idempotency key was already used for a different payment (other from, to or"
-                          " amount); use a new key for a new payment")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this idempotency key was already used for a different payment (other from, to or"
+                                " amount); use a new key for a new payment")
         if claim.kind is ClaimKind.IN_FLIGHT:
             note(retry_kind="in_progress", txn=claim.payment.txn_id)
-            context.abort(grpc.StatusCode.ABORTED,
-                          "a payment with this idempotency key is still being processed; retry shortly")
+            await context.abort(grpc.StatusCode.ABORTED,
+                                "a payment with this idempotency key is still being processed; retry shortly")
         payment = claim.payment
-        note(txn=payment.txn_id)
         if claim.kind is ClaimKind.REPLAY:
-            note(retry_kind="replay")
-            response = payment_pb2.PaymentResponse.FromString(payment.response)
-            response.replayed = True
-            context.send_initial_metadata((("idempotent-replayed", "true"),))
-            return response
+            return await self._replay(payment, context)
+        note(txn=payment.txn_id)
         if claim.kind is ClaimKind.RESUMED:
             note(retry_kind="resumed")
-        response = self.coordinator.run(payment)
+        # The payment runs as a task of its own: a caller that hangs up (or whose deadline passes) must not
+        # cancel it halfway; its outcome is stored and the retry gets it.
+        task = asyncio.ensure_future(self.coordinator.run(payment))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        response = await asyncio.shield(task)
         note(outcome=payment_pb2.PaymentStatus.Name(response.status).removeprefix("PAYMENT_STATUS_").lower())
         return response
 
-    def GetBalance(self, request: payment_pb2.GatewayBalanceRequest,
-                   context: grpc.ServicerContext) -> payment_pb2.GatewayBalanceResponse:
+    async def GetBalance(self, request: payment_pb2.GatewayBalanceRequest,
+                         context: grpc.aio.ServicerContext) -> payment_pb2.GatewayBalanceResponse:
         username = current_user()
         if request.username and request.username != username:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{username} may not see another user's balances")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{username} may not see another user's balances")
         accounts = self.users[username].accounts
-        calls = {}
-        for account in accounts:
-            bank = bank_of(account)
-            if bank in self.banks:
-                calls[account] = self.banks.stubs[bank].GetBalance.future(
-                    payment_pb2.BankBalanceRequest(account_number=account), timeout=_BALANCE_TIMEOUT)
+        known = [a for a in accounts if bank_of(a) in self.banks]
+        results = await asyncio.gather(
+            *(self.banks.links[bank_of(a)].stub.GetBalance(payment_pb2.BankBalanceRequest(account_number=a),
+                                                            timeout=_BALANCE_TIMEOUT) for a in known),
+            return_exceptions=True)
+        by_account = dict(zip(known, results))
         response = payment_pb2.GatewayBalanceResponse()
         for account in accounts:
             detail = response.details.add(account=account)
-            call = calls.get(account)
-            if call is None:
+            if account not in by_account:
                 detail.message = f"bank {bank_of(account)} is not configured"
                 continue
-            try:
-                result = call.result()
-            except grpc.RpcError as exc:
+            result = by_account[account]
+            if isinstance(result, grpc.RpcError):
                 # Never a made-up number: an unreachable bank's accounts are reported as unavailable.
-                detail.message = (f"bank {bank_of(account)} is unavailable" if exc.code() in
+                detail.message = (f"bank {bank_of(account)} is unavailable" if result.code() in
                                   (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                                  else f"bank {bank_of(account)}: {exc.details()}")
+                                  else f"bank {bank_of(account)}: {result.details()}")
                 continue
+            if isinstance(result, BaseException):
+                raise result
             detail.available = True
             detail.balance, detail.available_balance = result.balance, result.available
             detail.balance_paise, detail.available_paise = result.balance_paise, result.available_paise
             response.accounts[account] = result.balance
         return response
 
-    def ListPayments(self, request: payment_pb2.ListPaymentsRequest,
-                     context: grpc.ServicerContext) -> payment_pb2.ListPaymentsResponse:
+    async def ListPayments(self, request: payment_pb2.ListPaymentsRequest,
+                           context: grpc.aio.ServicerContext) -> payment_pb2.ListPaymentsResponse:
         username = current_user()
         if request.limit < 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must not be negative")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must not be negative")
         limit = min(request.limit or 50, 500)
         response = payment_pb2.ListPaymentsResponse()
         for row in self.store.history(username, self.users[username].accounts, limit):
@@ -212,25 +239,29 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         return response
 
 
-def _completer_loop(coordinator: Coordinator, store: PaymentStore, sessions: Sessions,
-                    settings: GatewaySettings, stop: threading.Event) -> None:
+async def _completer_loop(coordinator: Coordinator, store: PaymentStore, sessions: Sessions,
+                          settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """Start-up recovery (the first pass), then a pass every interval; the sweeper now and then."""
     sweep_every = min(60.0, settings.idempotency_ttl)
     next_sweep = 0.0
     while not stop.is_set():
         try:
-            coordinator.complete_abandoned()
+            await coordinator.complete_abandoned()
             if time.monotonic() >= next_sweep:
-                swept = store.sweep(settings.idempotency_ttl)
-                sessions.sweep()
+                swept = await asyncio.get_running_loop().run_in_executor(None, store.sweep, settings.idempotency_ttl)
+                await asyncio.get_running_loop().run_in_executor(None, sessions.sweep)
                 if swept:
                     log.info("swept %d idempotency keys older than %g s", swept, settings.idempotency_ttl)
                 next_sweep = time.monotonic() + sweep_every
         except Exception:  # noqa: BLE001 - the completer must outlive any one failure
             log.exception("completer pass failed; retrying")
-        stop.wait(settings.completer_interval)
+        try:
+            await asyncio.wait_for(stop.wait(), settings.completer_interval)
+        except asyncio.TimeoutError:
+            pass
 
 
-def serve(settings: GatewaySettings) -> None:
+async def serve(settings: GatewaySettings) -> None:
     users = load_users(settings.config_dir)
     bank_addresses = load_banks(settings.config_dir)
     credentials = serving.server_credentials(settings.certs_dir, "gateway", require_client_auth=False)
@@ -239,36 +270,39 @@ def serve(settings: GatewaySettings) -> None:
     owner = Owner(settings.data_dir)
     store = PaymentStore(sqlite, owner)
     sessions = Sessions(sqlite, settings.token_ttl)
-    stop = threading.Event()
-    coordinator = Coordinator(store, banks, settings.txn_timeout, stop)
+    db = GroupCommitter(sqlite)
+    stop = asyncio.Event()
+    coordinator = Coordinator(store, db, banks, settings.txn_timeout, stop)
 
     open_methods = {"/PaymentGateway/Login", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
     server = serving.make_server([LoggingInterceptor(), BearerAuthInterceptor(sessions.resolve, open_methods)])
-    payment_pb2_grpc.add_PaymentGatewayServicer_to_server(GatewayServicer(users, banks, sessions, coordinator), server)
-    health = serving.add_health(server)
+    servicer = GatewayServicer(users, banks, sessions, coordinator)
+    payment_pb2_grpc.add_PaymentGatewayServicer_to_server(servicer, server)
+    health = await serving.add_health(server)
     serving.bind(server, settings.port, credentials)
-    completer = threading.Thread(target=_completer_loop, name="completer", daemon=True,
-                                 args=(coordinator, store, sessions, settings, stop))
-    completer.start()  # its first pass is the start-up recovery of whatever a dead gateway left
-    server.start()
+    completer = asyncio.ensure_future(_completer_loop(coordinator, store, sessions, settings, stop))
+    await server.start()  # the completer's first pass is the start-up recovery of what a dead gateway left
     log.info("gateway listening on port %d (owner %s, store %s, txn timeout %g s)", settings.port, owner.id,
              settings.store_path, settings.txn_timeout)
 
-    def on_stop() -> None:
+    async def on_stop() -> None:
+        if servicer.running:  # payments whose callers went away still finish (or stay recoverable)
+            await asyncio.wait(set(servicer.running), timeout=settings.txn_timeout + 2)
         stop.set()
-        completer.join(timeout=5)
-        banks.close()
+        await asyncio.wait({completer}, timeout=5)
+        await banks.close()
+        db.close()
         sqlite.close()
         owner.release()
 
-    serving.run_until_signalled(server, health, grace=settings.txn_timeout + 2, on_stop=on_stop)
+    await serving.run_until_signalled(server, health, grace=settings.txn_timeout + 2, on_stop=on_stop)
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     serving.configure_logging("gateway")
     try:
-        serve(settings)
+        asyncio.run(serve(settings))
     except (serving.StartupError, ConfigError, ValueError, OSError) as exc:
         serving.exit_on_startup_error("gateway", exc)
 

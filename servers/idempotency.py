@@ -17,6 +17,7 @@ dead (see `liveness.Owner`), never by age.
 from __future__ import annotations
 
 import enum
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class Payment:
 class Claim:
     kind: ClaimKind
     payment: Payment | None = None
+    previous_owner: str | None = None  # RESUMED: the dead owner it was taken from
 
 
 @dataclass(frozen=True)
@@ -132,84 +134,115 @@ class PaymentStore:
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.execute(statement)
 
+    # Each operation exists twice: `x(...)` runs in a transaction of its own (committed on return), and
+    # `x_in(db, ...)` inside the caller's, which is how the gateway group-commits (sqlite_store.GroupCommitter).
     def claim(self, username: str, key: str, from_account: str, to_account: str, amount: int) -> Claim:
-        fp = fingerprint(from_account, to_account, amount)
-        now = time.time()
         with self._store.transaction() as db:
-            row = db.execute(_SELECT + " WHERE k.username = ? AND k.idem_key = ?", (username, key)).fetchone()
-            if row is None:
-                txn_id = f"txn-{uuid.uuid4().hex}"
-                payment_id = db.execute(
-                    "INSERT INTO payments (txn_id, username, idem_key, from_account, to_account, amount, status,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?, 'processing', ?)",
-                    (txn_id, username, key, from_account, to_account, amount, now)).lastrowid
-                db.execute("INSERT INTO idempotency_keys (username, idem_key, fingerprint, payment_id, recovery_point,"
-                           " locked_by, created_at, last_run_at) VALUES (?, ?, ?, ?, 'started', ?, ?, ?)",
-                           (username, key, fp, payment_id, self.owner.id, now, now))
-                return Claim(ClaimKind.NEW, Payment(payment_id, txn_id, username, key, from_account, to_account,
-                                                    amount, Point.STARTED))
-            payment, stored_fp, locked_by = _payment(row), row[9], row[10]
-            if stored_fp != fp:
-                return Claim(ClaimKind.MISMATCH, payment)
-            if payment.response is not None:
-                return Claim(ClaimKind.REPLAY, payment)
-            if self.owner.is_alive(locked_by):
-                return Claim(ClaimKind.IN_FLIGHT, payment)
-            # Undecided and its owner is dead (or let go of it): take it over, fenced on the old owner.
-            cur = db.execute("UPDATE idempotency_keys SET locked_by = ?, last_run_at = ?"
-                             " WHERE username = ? AND idem_key = ? AND locked_by IS ?",
-                             (self.owner.id, now, username, key, locked_by))
-            if cur.rowcount != 1:  # pragma: no cover - impossible under BEGIN IMMEDIATE
-                return Claim(ClaimKind.IN_FLIGHT, payment)
-        if locked_by:
-            self.owner.forget(locked_by)
-        return Claim(ClaimKind.RESUMED, payment)
+            claim = self.claim_in(db, username, key, from_account, to_account, amount)
+        self.forget_previous_owner(claim)
+        return claim
 
     def decide(self, payment: Payment, *, commit: bool, status: str, message: str, response: bytes) -> None:
-        """Record the decision and the response the client will get, durably, before telling any bank."""
-        now = time.time()
         with self._store.transaction() as db:
-            cur = db.execute("UPDATE idempotency_keys SET recovery_point = ?, response = ?, finished_at = ?,"
-                             " last_run_at = ? WHERE payment_id = ? AND locked_by = ? AND recovery_point = 'started'",
-                             (Point.COMMIT_DECIDED.value if commit else Point.ABORT_DECIDED.value, response, now,
-                              now, payment.id, self.owner.id))
-            if cur.rowcount != 1:
-                raise LostOwnership(f"payment {payment.txn_id} is not an undecided payment of this process")
-            db.execute("UPDATE payments SET status = ?, message = ?, finished_at = ? WHERE id = ?",
-                       (status, message, now, payment.id))
+            self.decide_in(db, payment, commit, status, message, response)
 
     def finish(self, payment: Payment) -> None:
-        """Every bank acknowledged the decision: nothing is left to do for this payment."""
         with self._store.transaction() as db:
-            db.execute("UPDATE idempotency_keys SET recovery_point = 'finished', locked_by = NULL, last_run_at = ?"
-                       " WHERE payment_id = ? AND locked_by = ? AND recovery_point IN ('commit_decided', 'abort_decided')",
-                       (time.time(), payment.id, self.owner.id))
+            self.finish_in(db, payment)
 
     def release(self, payment: Payment) -> None:
-        """Let go of a payment this process cannot push further now; any gateway's completer picks it up."""
         with self._store.transaction() as db:
-            db.execute("UPDATE idempotency_keys SET locked_by = NULL WHERE payment_id = ? AND locked_by = ?",
-                       (payment.id, self.owner.id))
+            self.release_in(db, payment)
 
     def take_over_abandoned(self, limit: int = 100) -> list[Payment]:
-        """Lock unfinished payments whose owner is dead or gone, plus this process's own released ones."""
-        taken: list[Payment] = []
-        dead: set[str] = set()
         with self._store.transaction() as db:
-            rows = db.execute(_SELECT + " WHERE k.recovery_point != 'finished' AND (k.locked_by IS NULL OR"
-                              " k.locked_by != ?) ORDER BY p.id LIMIT ?", (self.owner.id, limit)).fetchall()
-            for row in rows:
-                locked_by = row[10]
-                if self.owner.is_alive(locked_by):
-                    continue
-                db.execute("UPDATE idempotency_keys SET locked_by = ?, last_run_at = ? WHERE payment_id = ?"
-                           " AND locked_by IS ?", (self.owner.id, time.time(), row[0], locked_by))
-                taken.append(_payment(row))
-                if locked_by:
-                    dead.add(locked_by)
+            taken, dead = self.take_over_abandoned_in(db, limit)
         for owner_id in dead:
             self.owner.forget(owner_id)
         return taken
+
+    def lookup(self, username: str, key: str) -> tuple[Payment, str] | None:
+        """A plain read of a key (no transaction): its payment and fingerprint. Used for the replay fast path:
+        a stored response never changes once written, so reading it outside the claim transaction is safe."""
+        row = self._store.connection().execute(_SELECT + " WHERE k.username = ? AND k.idem_key = ?",
+                                               (username, key)).fetchone()
+        return None if row is None else (_payment(row), row[9])
+
+    def forget_previous_owner(self, claim: Claim) -> None:
+        if claim.kind is ClaimKind.RESUMED and claim.previous_owner:
+            self.owner.forget(claim.previous_owner)
+
+    def claim_in(self, db: sqlite3.Connection, username: str, key: str, from_account: str, to_account: str,
+                 amount: int) -> Claim:
+        fp = fingerprint(from_account, to_account, amount)
+        now = time.time()
+        row = db.execute(_SELECT + " WHERE k.username = ? AND k.idem_key = ?", (username, key)).fetchone()
+        if row is None:
+            txn_id = f"txn-{uuid.uuid4().hex}"
+            payment_id = db.execute(
+                "INSERT INTO payments (txn_id, username, idem_key, from_account, to_account, amount, status,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, 'processing', ?)",
+                (txn_id, username, key, from_account, to_account, amount, now)).lastrowid
+            db.execute("INSERT INTO idempotency_keys (username, idem_key, fingerprint, payment_id, recovery_point,"
+                       " locked_by, created_at, last_run_at) VALUES (?, ?, ?, ?, 'started', ?, ?, ?)",
+                       (username, key, fp, payment_id, self.owner.id, now, now))
+            return Claim(ClaimKind.NEW, Payment(payment_id, txn_id, username, key, from_account, to_account,
+                                                amount, Point.STARTED))
+        payment, stored_fp, locked_by = _payment(row), row[9], row[10]
+        if stored_fp != fp:
+            return Claim(ClaimKind.MISMATCH, payment)
+        if payment.response is not None:
+            return Claim(ClaimKind.REPLAY, payment)
+        if self.owner.is_alive(locked_by):
+            return Claim(ClaimKind.IN_FLIGHT, payment)
+        # Undecided and its owner is dead (or let go of it): take it over, fenced on the old owner.
+        cur = db.execute("UPDATE idempotency_keys SET locked_by = ?, last_run_at = ?"
+                         " WHERE username = ? AND idem_key = ? AND locked_by IS ?",
+                         (self.owner.id, now, username, key, locked_by))
+        if cur.rowcount != 1:  # pragma: no cover - impossible inside one write transaction
+            return Claim(ClaimKind.IN_FLIGHT, payment)
+        return Claim(ClaimKind.RESUMED, payment, previous_owner=locked_by)
+
+    def decide_in(self, db: sqlite3.Connection, payment: Payment, commit: bool, status: str, message: str,
+                  response: bytes) -> None:
+        """Record the decision and the response the client will get, durably, before telling any bank."""
+        now = time.time()
+        cur = db.execute("UPDATE idempotency_keys SET recovery_point = ?, response = ?, finished_at = ?,"
+                         " last_run_at = ? WHERE payment_id = ? AND locked_by = ? AND recovery_point = 'started'",
+                         (Point.COMMIT_DECIDED.value if commit else Point.ABORT_DECIDED.value, response, now,
+                          now, payment.id, self.owner.id))
+        if cur.rowcount != 1:
+            raise LostOwnership(f"payment {payment.txn_id} is not an undecided payment of this process")
+        db.execute("UPDATE payments SET status = ?, message = ?, finished_at = ? WHERE id = ?",
+                   (status, message, now, payment.id))
+
+    def finish_in(self, db: sqlite3.Connection, payment: Payment) -> None:
+        """Every bank acknowledged the decision: nothing is left to do for this payment."""
+        db.execute("UPDATE idempotency_keys SET recovery_point = 'finished', locked_by = NULL, last_run_at = ?"
+                   " WHERE payment_id = ? AND locked_by = ? AND recovery_point IN ('commit_decided', 'abort_decided')",
+                   (time.time(), payment.id, self.owner.id))
+
+    def release_in(self, db: sqlite3.Connection, payment: Payment) -> None:
+        """Let go of a payment this process cannot push further now; any gateway's completer picks it up."""
+        db.execute("UPDATE idempotency_keys SET locked_by = NULL WHERE payment_id = ? AND locked_by = ?",
+                   (payment.id, self.owner.id))
+
+    def take_over_abandoned_in(self, db: sqlite3.Connection, limit: int = 100) -> tuple[list[Payment], set[str]]:
+        """Lock unfinished payments whose owner is dead or gone. Returns them and the dead owners' ids."""
+        taken: list[Payment] = []
+        dead: set[str] = set()
+        rows = db.execute(_SELECT + " WHERE k.recovery_point != 'finished' AND (k.locked_by IS NULL OR"
+                          " k.locked_by != ?) ORDER BY p.id LIMIT ?", (self.owner.id, limit)).fetchall()
+        for row in rows:
+            locked_by = row[10]
+            if self.owner.is_alive(locked_by):
+                continue
+            db.execute("UPDATE idempotency_keys SET locked_by = ?, last_run_at = ? WHERE payment_id = ?"
+                       " AND locked_by IS ?", (self.owner.id, time.time(), row[0], locked_by))
+            taken.append(_payment(row))
+            if locked_by:
+                dead.add(locked_by)
+        return taken, dead
 
     def owned_unfinished(self) -> list[Payment]:
         rows = self._store.connection().execute(

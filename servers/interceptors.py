@@ -1,15 +1,18 @@
 """Server interceptors: a log line per call, bearer-token auth (gateway), the gateway-only peer check (banks).
 
-Each interceptor wraps the unary behaviour of the handler it is given, so the outermost (logging) sees the
-final status of everything inside it, including a call refused by auth. Handlers add facts to the log line
-(user, key, amount, transaction id, retry kind) through `note()`; the line is written once, at the end.
+Each interceptor wraps the behaviour of the handler it is given, so the outermost (logging) sees the final
+status of everything inside it, including a call refused by auth. Handlers add facts to the log line (user,
+key, amount, transaction id, retry kind) through `note()`; the line is written once, at the end.
+Request bytes that are not a valid message are refused with INVALID_ARGUMENT by the innermost wrapper
+(gRPC itself would answer INTERNAL, blaming the server for the caller's bytes).
 """
 from __future__ import annotations
 
 import contextvars
 import logging
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 import grpc
 
@@ -34,112 +37,174 @@ def current_user() -> str:
     return user
 
 
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
+def log_call(method: str, peer: str, notes: dict[str, Any], code: grpc.StatusCode, message: str,
+             started: float) -> None:
+    parts = [f"method={method}", f"peer={peer}"]
+    parts += [f"{k}={v}" for k, v in notes.items() if v not in (None, "") and k != "retry_kind"]
+    parts += [f"status={code.name}", f"message={message!r}", f"ms={(time.perf_counter() - started) * 1000:.1f}",
+              f"retry={notes.get('retry_kind', 'no')}"]
+    log.info(" ".join(parts))
 
 
-def _wrap(handler: grpc.RpcMethodHandler | None, wrapper: Callable[[Behavior], Behavior]
-          ) -> grpc.RpcMethodHandler | None:
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Request bytes that are not a valid message (truncated, or a string field that is not UTF-8)."""
+    error: str
+
+
+def tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # gRPC answers a deserializer's exception with INTERNAL "Exception deserializing request!", as if the
+    # server were broken. Bad bytes are the caller's fault: hand them on as Malformed, refused below.
+    if deserialize is None or getattr(deserialize, "strife_tolerant", False):
+        return deserialize
+
+    def tolerant_deserialize(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, …: all mean "not a message"
+            return Malformed(f"{type(exc).__name__}: {exc}"[:200])
+
+    tolerant_deserialize.strife_tolerant = True  # type: ignore[attr-defined]
+    return tolerant_deserialize
+
+
+def _refuse_malformed(inner: Behavior) -> Behavior:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid message ({request.error})")
+        return await inner(request, context)
+    return behavior
+
+
+def _wrap_unary(handler: grpc.RpcMethodHandler | None, wrapper: Callable[[Behavior], Behavior]
+                ) -> grpc.RpcMethodHandler | None:
     if handler is None or handler.unary_unary is None:
-        return handler  # Strife has only unary methods; anything else passes through untouched.
-    return grpc.unary_unary_rpc_method_handler(wrapper(handler.unary_unary),
-                                               request_deserializer=handler.request_deserializer,
+        return handler
+    inner, deserialize = handler.unary_unary, handler.request_deserializer
+    if not getattr(deserialize, "strife_tolerant", False):
+        # The interceptor nearest the servicer refuses malformed requests, so the outer ones (auth, logging)
+        # still run first and log the refusal like any other call.
+        inner, deserialize = _refuse_malformed(inner), tolerant(deserialize)
+    return grpc.unary_unary_rpc_method_handler(wrapper(inner), request_deserializer=deserialize,
                                                response_serializer=handler.response_serializer)
 
 
-def _details(context: grpc.ServicerContext) -> str:
+def _details(context: grpc.aio.ServicerContext) -> str:
     details = context.details()
     if isinstance(details, bytes):
         return details.decode("utf-8", "replace")
     return details or ""
 
 
-class LoggingInterceptor(grpc.ServerInterceptor):
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+class LoggingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method
 
         def wrapper(inner: Behavior) -> Behavior:
-            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 notes: dict[str, Any] = {}
                 token = _NOTES.set(notes)
                 start = time.perf_counter()
+                code = None
                 try:
-                    return inner(request, context)
+                    return await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    code = grpc.StatusCode.UNKNOWN
+                    raise
                 finally:
                     _NOTES.reset(token)
-                    code = context.code() or grpc.StatusCode.OK
-                    if isinstance(code, int):  # pragma: no cover - defensive; grpc gives StatusCode
-                        code = grpc.StatusCode.OK
-                    parts = [f"method={method}", f"peer={context.peer()}"]
-                    parts += [f"{k}={v}" for k, v in notes.items() if v not in (None, "")]
-                    parts += [f"status={code.name}", f"message={_details(context)!r}",
-                              f"ms={(time.perf_counter() - start) * 1000:.1f}",
-                              f"retry={notes.get('retry_kind', 'no')}"]
-                    parts = [p for p in parts if not p.startswith("retry_kind=")]
-                    log.info(" ".join(parts))
+                    log_call(method, context.peer(), notes, code or context.code() or grpc.StatusCode.OK,
+                             _details(context), start)
             return behavior
 
-        return _wrap(continuation(handler_call_details), wrapper)
+        return _wrap_unary(await continuation(handler_call_details), wrapper)
 
 
-class BearerAuthInterceptor(grpc.ServerInterceptor):
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Every method except the open ones needs `authorization: Bearer <token>` naming a live session."""
 
     def __init__(self, resolve_token: Callable[[str], str | None], open_methods: set[str]) -> None:
         self._resolve = resolve_token
         self._open = open_methods
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
         if handler_call_details.method in self._open:
             return handler
 
         def wrapper(inner: Behavior) -> Behavior:
-            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 header = ""
-                for key, value in context.invocation_metadata():
+                for key, value in context.invocation_metadata() or ():
                     if key == "authorization":
                         header = value if isinstance(value, str) else ""
                         break
                 scheme, _, token = header.partition(" ")
                 if not header:
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                  "missing authorization metadata; log in and send 'authorization: Bearer <token>'")
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing authorization metadata; log in"
+                                        " and send 'authorization: Bearer <token>'")
                 if scheme.lower() != "bearer" or not token.strip():
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                  "authorization metadata must be 'Bearer <token>'")
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                        "authorization metadata must be 'Bearer <token>'")
                 user = self._resolve(token.strip())
                 if user is None:
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "token is unknown or expired; log in again")
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "token is unknown or expired; log in again")
                 note(user=user)
                 reset = _USER.set(user)
                 try:
-                    return inner(request, context)
+                    return await inner(request, context)
                 finally:
                     _USER.reset(reset)
             return behavior
 
-        return _wrap(handler, wrapper)
+        return _wrap_unary(handler, wrapper)
 
 
-class PeerCertInterceptor(grpc.ServerInterceptor):
+def peer_allowed(context: grpc.aio.ServicerContext, allowed: set[bytes]) -> str | None:
+    """None if the TLS peer's certificate has an allowed common name, else a message saying who it is."""
+    names = context.auth_context().get("x509_common_name", [])
+    if any(n in allowed for n in names):
+        return None
+    shown = b",".join(names).decode("utf-8", "replace") or "none"
+    return f"only the gateway may call a bank (peer certificate CN: {shown})"
+
+
+class PeerCertInterceptor(grpc.aio.ServerInterceptor):
     """A bank answers only the gateway: the TLS peer must hold a CA-signed certificate whose CN is allowed."""
 
     def __init__(self, allowed_common_names: set[str], open_prefix: str = "/grpc.health.v1.Health/") -> None:
         self._allowed = {cn.encode() for cn in allowed_common_names}
         self._open_prefix = open_prefix  # health checks: any CA-signed client certificate will do
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        if handler_call_details.method.startswith(self._open_prefix):
-            return continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._open_prefix):
+            return handler
+        if handler.unary_unary is not None:
+            def wrapper(inner: Behavior) -> Behavior:
+                async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    refusal = peer_allowed(context, self._allowed)
+                    if refusal:
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+                    return await inner(request, context)
+                return behavior
+            return _wrap_unary(handler, wrapper)
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
 
-        def wrapper(inner: Behavior) -> Behavior:
-            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
-                names = context.auth_context().get("x509_common_name", [])
-                if not any(n in self._allowed for n in names):
-                    shown = b",".join(names).decode("utf-8", "replace") or "none"
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                  f"only the gateway may call a bank (peer certificate CN: {shown})")
-                return inner(request, context)
-            return behavior
-
-        return _wrap(continuation(handler_call_details), wrapper)
+            async def stream_behavior(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                refusal = peer_allowed(context, self._allowed)
+                if refusal:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+                async for reply in inner_stream(request_iterator, context):
+                    yield reply
+            return grpc.stream_stream_rpc_method_handler(stream_behavior,
+                                                         request_deserializer=tolerant(handler.request_deserializer),
+                                                         response_serializer=handler.response_serializer)
+        return handler

@@ -8,6 +8,7 @@ Invariants, each enforced inside one SQLite transaction:
 """
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,10 @@ class Ledger:
             elif row[0] != bank:
                 raise ValueError(f"ledger {path} belongs to bank {row[0]}, not {bank}")
 
+    @property
+    def store(self) -> SQLiteStore:
+        return self._store
+
     def close(self) -> None:
         self._store.close()
 
@@ -78,74 +83,86 @@ class Ledger:
         except ValueError:
             return False
 
+    # Each operation exists twice: `x(...)` runs it in a transaction of its own (committed on return);
+    # `x_in(db, ...)` runs it inside the caller's transaction, which is how the bank server group-commits.
     def prepare(self, txn_id: str, from_account: str, to_account: str, amount: int) -> Vote:
+        with self._store.transaction() as db:
+            return self.prepare_in(db, txn_id, from_account, to_account, amount)
+
+    def commit(self, txn_id: str) -> Outcome:
+        with self._store.transaction() as db:
+            return self.commit_in(db, txn_id)
+
+    def abort(self, txn_id: str) -> Outcome:
+        with self._store.transaction() as db:
+            return self.abort_in(db, txn_id)
+
+    def prepare_in(self, db: sqlite3.Connection, txn_id: str, from_account: str, to_account: str,
+                   amount: int) -> Vote:
         debit, credit = self._mine(from_account), self._mine(to_account)
         if not (debit or credit):
             return Vote(False, f"neither account belongs to bank {self.bank}")
         now = time.time()
-        with self._store.transaction() as db:
-            row = db.execute("SELECT state, from_account, to_account, amount FROM transactions WHERE txn_id = ?",
-                             (txn_id,)).fetchone()
-            if row is not None:
-                state, f, t, a = row
-                if state == "aborted":
-                    return Vote(False, "transaction was aborted")
-                if (f, t, a) != (from_account, to_account, amount):
-                    return Vote(False, "transaction id already used for another transfer")
-                return Vote(True)  # prepared or committed: a duplicate Prepare changes nothing
-            for account in {a for a, here in ((from_account, debit), (to_account, credit)) if here}:
-                if db.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone() is None:
-                    return Vote(False, f"account {account} does not exist at {self.bank}")
-            if debit:
-                # Hold the money: the sender's available balance (balance - held) must cover it.
-                cur = db.execute("UPDATE accounts SET held = held + ? WHERE account = ? AND balance - held >= ?",
-                                 (amount, from_account, amount))
-                if cur.rowcount != 1:
-                    return Vote(False, f"insufficient funds in {from_account}")
-            db.execute("INSERT INTO transactions (txn_id, state, from_account, to_account, amount, debit_here,"
-                       " credit_here, created_at, updated_at) VALUES (?, 'prepared', ?, ?, ?, ?, ?, ?, ?)",
-                       (txn_id, from_account, to_account, amount, int(debit), int(credit), now, now))
-            return Vote(True)
-
-    def commit(self, txn_id: str) -> Outcome:
-        with self._store.transaction() as db:
-            row = db.execute("SELECT state, from_account, to_account, amount, debit_here, credit_here"
-                             " FROM transactions WHERE txn_id = ?", (txn_id,)).fetchone()
-            if row is None:
-                return Outcome(False, "unknown transaction: it was never prepared here")
-            state, from_account, to_account, amount, debit, credit = row
-            if state == "committed":
-                return Outcome(True, "already committed")
+        row = db.execute("SELECT state, from_account, to_account, amount FROM transactions WHERE txn_id = ?",
+                         (txn_id,)).fetchone()
+        if row is not None:
+            state, f, t, a = row
             if state == "aborted":
-                return Outcome(False, "transaction was aborted; it cannot be committed")
-            if debit:
-                db.execute("UPDATE accounts SET balance = balance - ?, held = held - ? WHERE account = ?",
-                           (amount, amount, from_account))
-            if credit:
-                db.execute("UPDATE accounts SET balance = balance + ? WHERE account = ?", (amount, to_account))
-            db.execute("UPDATE transactions SET state = 'committed', updated_at = ? WHERE txn_id = ?",
-                       (time.time(), txn_id))
-            return Outcome(True, "committed")
+                return Vote(False, "transaction was aborted")
+            if (f, t, a) != (from_account, to_account, amount):
+                return Vote(False, "transaction id already used for another transfer")
+            return Vote(True)  # prepared or committed: a duplicate Prepare changes nothing
+        for account in {a for a, here in ((from_account, debit), (to_account, credit)) if here}:
+            if db.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone() is None:
+                return Vote(False, f"account {account} does not exist at {self.bank}")
+        if debit:
+            # Hold the money: the sender's available balance (balance - held) must cover it.
+            cur = db.execute("UPDATE accounts SET held = held + ? WHERE account = ? AND balance - held >= ?",
+                             (amount, from_account, amount))
+            if cur.rowcount != 1:
+                return Vote(False, f"insufficient funds in {from_account}")
+        db.execute("INSERT INTO transactions (txn_id, state, from_account, to_account, amount, debit_here,"
+                   " credit_here, created_at, updated_at) VALUES (?, 'prepared', ?, ?, ?, ?, ?, ?, ?)",
+                   (txn_id, from_account, to_account, amount, int(debit), int(credit), now, now))
+        return Vote(True)
 
-    def abort(self, txn_id: str) -> Outcome:
+    def commit_in(self, db: sqlite3.Connection, txn_id: str) -> Outcome:
+        row = db.execute("SELECT state, from_account, to_account, amount, debit_here, credit_here"
+                         " FROM transactions WHERE txn_id = ?", (txn_id,)).fetchone()
+        if row is None:
+            return Outcome(False, "unknown transaction: it was never prepared here")
+        state, from_account, to_account, amount, debit, credit = row
+        if state == "committed":
+            return Outcome(True, "already committed")
+        if state == "aborted":
+            return Outcome(False, "transaction was aborted; it cannot be committed")
+        if debit:
+            db.execute("UPDATE accounts SET balance = balance - ?, held = held - ? WHERE account = ?",
+                       (amount, amount, from_account))
+        if credit:
+            db.execute("UPDATE accounts SET balance = balance + ? WHERE account = ?", (amount, to_account))
+        db.execute("UPDATE transactions SET state = 'committed', updated_at = ? WHERE txn_id = ?",
+                   (time.time(), txn_id))
+        return Outcome(True, "committed")
+
+    def abort_in(self, db: sqlite3.Connection, txn_id: str) -> Outcome:
         now = time.time()
-        with self._store.transaction() as db:
-            row = db.execute("SELECT state, from_account, amount, debit_here FROM transactions WHERE txn_id = ?",
-                             (txn_id,)).fetchone()
-            if row is None:
-                # Remember the abort so that a Prepare arriving late (after the coordinator gave up) votes NO.
-                db.execute("INSERT INTO transactions (txn_id, state, created_at, updated_at)"
-                           " VALUES (?, 'aborted', ?, ?)", (txn_id, now, now))
-                return Outcome(True, "aborted before it was prepared")
-            state, from_account, amount, debit = row
-            if state == "aborted":
-                return Outcome(True, "already aborted")
-            if state == "committed":
-                return Outcome(False, "transaction is committed; it cannot be aborted")
-            if debit:
-                db.execute("UPDATE accounts SET held = held - ? WHERE account = ?", (amount, from_account))
-            db.execute("UPDATE transactions SET state = 'aborted', updated_at = ? WHERE txn_id = ?", (now, txn_id))
-            return Outcome(True, "aborted")
+        row = db.execute("SELECT state, from_account, amount, debit_here FROM transactions WHERE txn_id = ?",
+                         (txn_id,)).fetchone()
+        if row is None:
+            # Remember the abort so that a Prepare arriving late (after the coordinator gave up) votes NO.
+            db.execute("INSERT INTO transactions (txn_id, state, created_at, updated_at)"
+                       " VALUES (?, 'aborted', ?, ?)", (txn_id, now, now))
+            return Outcome(True, "aborted before it was prepared")
+        state, from_account, amount, debit = row
+        if state == "aborted":
+            return Outcome(True, "already aborted")
+        if state == "committed":
+            return Outcome(False, "transaction is committed; it cannot be aborted")
+        if debit:
+            db.execute("UPDATE accounts SET held = held - ? WHERE account = ?", (amount, from_account))
+        db.execute("UPDATE transactions SET state = 'aborted', updated_at = ? WHERE txn_id = ?", (now, txn_id))
+        return Outcome(True, "aborted")
 
     def balance(self, account: str) -> Balance | None:
         row = self._store.connection().execute("SELECT balance, held FROM accounts WHERE account = ?",

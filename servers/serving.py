@@ -1,14 +1,13 @@
 """What every Strife server shares: TLS material, binding a port, the health service, signals, start-up errors."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
 import sys
-import threading
-from concurrent import futures
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -56,11 +55,10 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def make_server(interceptors: Sequence[grpc.ServerInterceptor], *, max_workers: int = 32) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                       interceptors=list(interceptors),
-                       # Without this, a second server on the same port starts silently and shares it.
-                       options=[("grpc.so_reuseport", 0)])
+def make_server(interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+    # An asyncio server: one event loop serves every call, with no thread hand-off per call.
+    # Without so_reuseport=0, a second server on the same port starts silently and shares it.
+    return grpc.aio.server(interceptors=list(interceptors), options=[("grpc.so_reuseport", 0)])
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -75,7 +73,7 @@ def _check_port_free(host: str, port: int) -> None:
             raise StartupError(f"cannot listen on port {port}: {exc.strerror or exc}") from exc
 
 
-def bind(server: grpc.Server, port: int, credentials: grpc.ServerCredentials, *, host: str = "0.0.0.0") -> int:
+def bind(server: grpc.aio.Server, port: int, credentials: grpc.ServerCredentials, *, host: str = "0.0.0.0") -> int:
     _check_port_free(host, port)
     try:
         bound = server.add_secure_port(f"{host}:{port}", credentials)
@@ -86,30 +84,30 @@ def bind(server: grpc.Server, port: int, credentials: grpc.ServerCredentials, *,
     return bound
 
 
-def add_health(server: grpc.Server) -> health.HealthServicer:
-    servicer = health.HealthServicer()
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+async def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    servicer = health.aio.HealthServicer()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     return servicer
 
 
-def run_until_signalled(server: grpc.Server, health_servicer: health.HealthServicer, *, grace: float,
-                        on_stop: Callable[[], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; then refuse new calls, let in-flight ones finish within `grace`, clean up."""
-    stop = threading.Event()
+async def run_until_signalled(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, *,
+                              grace: float, on_stop: Callable[[], Awaitable[None]] | None = None,
+                              before_stop: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; then refuse new calls, let in-flight ones finish within `grace`, clean up.
 
-    def handle(signum: int, _frame: object) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
-    while not stop.wait(0.5):
-        pass
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace).wait()
+    `before_stop` runs first: it lets long-lived streams end cleanly so they do not hold the grace period."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: (log.info("received %s, shutting down", s.name), stop.set()))
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    if before_stop is not None:
+        before_stop()
+    await server.stop(grace)
     if on_stop is not None:
-        on_stop()
+        await on_stop()
     log.info("stopped")
 
 

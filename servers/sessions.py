@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sqlite3
 import threading
 import time
 
@@ -41,12 +42,15 @@ class Sessions:
                 db.execute(statement)
 
     def create(self, username: str) -> tuple[str, float]:
+        with self._store.transaction() as db:
+            return self.create_in(db, username)
+
+    def create_in(self, db: sqlite3.Connection, username: str) -> tuple[str, float]:
         token = secrets.token_urlsafe(32)
         now = time.time()
         expires = now + self._ttl
-        with self._store.transaction() as db:
-            db.execute("INSERT INTO sessions (token_hash, username, created_at, expires_at) VALUES (?, ?, ?, ?)",
-                       (_digest(token), username, now, expires))
+        db.execute("INSERT INTO sessions (token_hash, username, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                   (_digest(token), username, now, expires))
         return token, expires
 
     def resolve(self, token: str) -> str | None:
