@@ -1,0 +1,224 @@
+"""Strife benchmark: real servers in a temp sandbox, the starter code side by side, one table and a JSON line.
+
+    python -m bench.run [--starter ../shared/baseline-starter] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protofiles import payment_pb2 as pb
+from protofiles import payment_pb2_grpc as pbg
+from tests.harness import Cluster, free_port, health_ok, make_certs, wait_until
+
+from bench.starter import DEFAULT_STARTER, Starter
+from bench.wallet import drain_rate, startup_seconds
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(call: Callable[[int, int], None], total: int, threads: int = 1) -> dict[str, float]:
+    """Run `call(worker, i)` `total` times over `threads` threads; rate and latency percentiles."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    per = total // threads
+
+    def worker(w: int) -> None:
+        mine = []
+        for i in range(per):
+            t = time.perf_counter()
+            call(w, i)
+            mine.append(time.perf_counter() - t)
+        with lock:
+            latencies.extend(mine)
+
+    start = time.perf_counter()
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"rate": len(latencies) / elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000,
+            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000}
+
+
+def floor_rate(certs: Path, n: int) -> float:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floor_server", str(certs), str(port)],
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        creds = grpc.ssl_channel_credentials((certs / "ca.crt").read_bytes())
+        wait_until(lambda: health_ok(f"localhost:{port}", creds), 20, 0.05, "floor server")
+        with grpc.secure_channel(f"localhost:{port}", creds) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest()
+            for _ in range(200):
+                stub.Check(request, timeout=5)
+            return measure(lambda w, i: stub.Check(request, timeout=5), n)["rate"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def payment_caller(stub: pbg.PaymentGatewayStub, token: str | None, tag: str) -> Callable[[int, int], None]:
+    auth = [("authorization", f"Bearer {token}")] if token else []
+
+    def call(w: int, i: int) -> None:
+        key = f"{tag}-{w}-{i}"
+        response = stub.ProcessPayment(pb.PaymentRequest(transaction_id=key, from_account="SBI-1001",
+                                                         to_account="HDFC-2001", amount=0.01),
+                                       metadata=auth, timeout=30)
+        if not response.success:
+            raise RuntimeError(f"payment {key} failed: {response.message}")
+    return call
+
+
+def seed_finished_keys(db_path: Path, user: str, count: int, prefix: str) -> None:
+    """Fill the gateway's table with finished keys (what weeks of traffic leave), straight into SQLite."""
+    now = time.time()
+    with sqlite3.connect(db_path, timeout=30) as db:
+        start = db.execute("SELECT coalesce(max(id), 0) FROM payments").fetchone()[0] + 1
+        db.executemany("INSERT INTO payments (id, txn_id, username, idem_key, from_account, to_account, amount, status,"
+                       " message, created_at, finished_at) VALUES (?, ?, ?, ?, 'SBI-1001', 'HDFC-2001', 1, 'succeeded',"
+                       " 'seeded', ?, ?)",
+                       ((start + i, f"seed-{uuid.uuid4().hex}", user, f"{prefix}-{i}", now, now) for i in range(count)))
+        response = pb.PaymentResponse(success=True, status=pb.PAYMENT_STATUS_SUCCEEDED, message="seeded").SerializeToString()
+        db.executemany("INSERT INTO idempotency_keys (username, idem_key, fingerprint, payment_id, recovery_point,"
+                       " response, created_at, last_run_at, finished_at) VALUES (?, ?, ?, ?, 'finished', ?, ?, ?, ?)",
+                       ((user, f"{prefix}-{i}", "ProcessPayment\x1fSBI-1001\x1fHDFC-2001\x1f1", start + i, response,
+                         now, now, now) for i in range(count)))
+
+
+def replay_caller(stub: pbg.PaymentGatewayStub, token: str, prefix: str, count: int) -> Callable[[int, int], None]:
+    auth = [("authorization", f"Bearer {token}")]
+
+    def call(w: int, i: int) -> None:
+        key = f"{prefix}-{(i * 7919 + w) % count}"
+        response = stub.ProcessPayment(pb.PaymentRequest(from_account="SBI-1001", to_account="HDFC-2001", amount=0.01),
+                                       metadata=[*auth, ("idempotency-key", key)], timeout=30)
+        if not response.replayed:
+            raise RuntimeError(f"key {key} was not replayed")
+    return call
+
+
+def bench_strife(work: Path, n: int, quick: bool) -> dict[str, float]:
+    certs = make_certs(work / "certs")
+    results: dict[str, float] = {"floor": floor_rate(certs, n)}
+    cluster = Cluster(root=work / "strife", certs_dir=certs, txn_timeout=5.0).start()
+    try:
+        client = cluster.client("alice")
+        stub, token = client.stub, client.token
+        gateway_pid = cluster.procs["gateway"].popen.pid
+        payment_caller(stub, token, "warm")(0, 0)
+        seq = measure(payment_caller(stub, token, "seq"), n)
+        results.update(sequential=seq["rate"], p50_ms=seq["p50_ms"], p99_ms=seq["p99_ms"])
+        results["concurrent"] = measure(payment_caller(stub, token, "conc"), n * 2, threads=16)["rate"]
+        key = f"replay-{uuid.uuid4()}"
+        auth = [("authorization", f"Bearer {token}"), ("idempotency-key", key)]
+        request = pb.PaymentRequest(from_account="SBI-1001", to_account="HDFC-2001", amount=0.01)
+        stub.ProcessPayment(request, metadata=auth, timeout=30)
+        results["replay"] = measure(lambda w, i: stub.ProcessPayment(request, metadata=auth, timeout=30), n)["rate"]
+
+        seed_finished_keys(cluster.data_dir / "gateway.sqlite3", "alice", 1000, "small")
+        results["replay_1k_keys"] = measure(replay_caller(stub, token, "small", 1000), n)["rate"]
+        seed_finished_keys(cluster.data_dir / "gateway.sqlite3", "alice", 99_000, "big")
+        results["replay_100k_keys"] = measure(replay_caller(stub, token, "big", 99_000), n)["rate"]
+
+        results.update(drain_rate(cluster, work / "wallet", 100 if quick else 500))
+        results["wallet_startup_s"] = startup_seconds(certs, work / "wallet-startup")
+
+        mem_payments = 2000 if quick else 20_000
+        results["rss_before_mb"] = rss_mb(gateway_pid)
+        measure(payment_caller(stub, token, "mem"), mem_payments, threads=16)
+        results["rss_after_mb"] = rss_mb(gateway_pid)
+        results["rss_payments"] = mem_payments
+        wait_until(lambda: cluster.unfinished_payments() == 0, 30, 0.1, "every payment finished")
+        results["conserved"] = float(cluster.total() == _opening_total() and cluster.holds() == 0)
+    finally:
+        cluster.stop()
+    return results
+
+
+def _opening_total() -> int:
+    from tests.harness import OPENING_TOTAL
+    return OPENING_TOTAL
+
+
+def bench_starter(source: Path, n: int) -> dict[str, float]:
+    starter = Starter(source)
+    try:
+        address = starter.start()
+        with grpc.secure_channel(address, grpc.ssl_channel_credentials(starter.ca)) as channel:
+            stub = pbg.PaymentGatewayStub(channel)
+            payment_caller(stub, None, "warm")(0, 0)
+            seq = measure(payment_caller(stub, None, "seq"), n)
+            conc = measure(payment_caller(stub, None, "conc"), n * 2, threads=16)
+        return {"sequential": seq["rate"], "p50_ms": seq["p50_ms"], "p99_ms": seq["p99_ms"], "concurrent": conc["rate"]}
+    finally:
+        starter.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--starter", type=Path, default=DEFAULT_STARTER, help="the starter code's folder")
+    parser.add_argument("--payments", type=int, default=2000, help="payments per sequential measurement")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
+    args = parser.parse_args(argv)
+    n = 300 if args.quick else args.payments
+    with tempfile.TemporaryDirectory(prefix="strife-bench-") as tmp:
+        strife = bench_strife(Path(tmp), n, args.quick)
+    starter = bench_starter(args.starter, max(100, n // 4)) if args.starter.is_dir() else {}
+    print_table(strife, starter)
+    print(json.dumps({"strife": strife, "starter": starter}, sort_keys=True))
+    return 0
+
+
+def print_table(s: dict[str, float], b: dict[str, float]) -> None:
+    ceiling = s["floor"] / 3
+    rows = [
+        ("floor: bare TLS health check /s", f"{s['floor']:.0f}", "", ""),
+        ("sequential payments /s", f"{s['sequential']:.0f}", f"{b.get('sequential', float('nan')):.0f}",
+         f"{s['sequential'] / b['sequential']:.1f}x starter, {s['sequential'] / ceiling:.0%} of floor/3" if b else
+         f"{s['sequential'] / ceiling:.0%} of floor/3"),
+        ("concurrent payments /s (16 threads)", f"{s['concurrent']:.0f}", f"{b.get('concurrent', float('nan')):.0f}",
+         f"{s['concurrent'] / b['concurrent']:.1f}x starter" if b else ""),
+        ("payment latency p50 / p99 ms", f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f}",
+         f"{b.get('p50_ms', float('nan')):.1f} / {b.get('p99_ms', float('nan')):.1f}", ""),
+        ("replays /s (same key)", f"{s['replay']:.0f}", "", f"{s['replay'] / s['sequential']:.1f}x sequential"),
+        ("replays /s, 1k vs 100k keys", f"{s['replay_1k_keys']:.0f} / {s['replay_100k_keys']:.0f}", "",
+         f"{s['replay_100k_keys'] / s['replay_1k_keys']:.0%}"),
+        (f"gateway RSS MB before / after {s['rss_payments']:.0f} payments",
+         f"{s['rss_before_mb']:.1f} / {s['rss_after_mb']:.1f}", "", f"+{s['rss_after_mb'] - s['rss_before_mb']:.1f} MB"),
+    ]
+    rows.append((f"outbox drain /s ({s['drain_count']:.0f} queued offline)", f"{s['drain']:.0f}", "",
+                 f"{s['drain'] / s['sequential']:.0%} of sequential; exactly once: {bool(s['drain_exactly_once'])}"))
+    rows.append(("wallet start-up to login screen s", f"{s['wallet_startup_s']:.2f}", "", "headless"))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  {'Strife':>14}  {'starter':>14}  note")
+    for name, mine, theirs, note in rows:
+        print(f"{name:<{width}}  {mine:>14}  {theirs:>14}  {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
