@@ -3,12 +3,15 @@
 Each interceptor wraps the unary behaviour of the handler it is given, so the outermost (logging) sees the
 final status of everything inside it, including a call refused by auth. Handlers add facts to the log line
 (user, key, amount, transaction id, retry kind) through `note()`; the line is written once, at the end.
+Request bytes that are not a valid message are refused with INVALID_ARGUMENT by the innermost wrapper
+(gRPC itself would answer INTERNAL, blaming the server for the caller's bytes).
 """
 from __future__ import annotations
 
 import contextvars
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import grpc
@@ -37,12 +40,46 @@ def current_user() -> str:
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
+@dataclass(frozen=True)
+class _Malformed:
+    """Request bytes that are not a valid message (truncated, or a string field that is not UTF-8)."""
+    error: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # gRPC answers a deserializer's exception with INTERNAL "Exception deserializing request!", as if the
+    # server were broken. Bad bytes are the caller's fault: hand them on as _Malformed, refused below.
+    if deserialize is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, …: all mean "not a message"
+            return _Malformed(f"{type(exc).__name__}: {exc}"[:200])
+
+    tolerant.strife_tolerant = True  # type: ignore[attr-defined]
+    return tolerant
+
+
+def _refuse_malformed(inner: Behavior) -> Behavior:
+    def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message ({request.error})")
+        return inner(request, context)
+    return behavior
+
+
 def _wrap(handler: grpc.RpcMethodHandler | None, wrapper: Callable[[Behavior], Behavior]
           ) -> grpc.RpcMethodHandler | None:
     if handler is None or handler.unary_unary is None:
         return handler  # Strife has only unary methods; anything else passes through untouched.
-    return grpc.unary_unary_rpc_method_handler(wrapper(handler.unary_unary),
-                                               request_deserializer=handler.request_deserializer,
+    inner, deserialize = handler.unary_unary, handler.request_deserializer
+    if not getattr(deserialize, "strife_tolerant", False):
+        # The interceptor nearest the servicer refuses malformed requests, so the outer ones (auth, logging)
+        # still run first and log the refusal like any other call.
+        inner, deserialize = _refuse_malformed(inner), _tolerant(deserialize)
+    return grpc.unary_unary_rpc_method_handler(wrapper(inner), request_deserializer=deserialize,
                                                response_serializer=handler.response_serializer)
 
 
