@@ -39,6 +39,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if run_all itself dies (even by SIGKILL), so no server is left orphaned."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: Ctrl+C / SIGTERM still stop them
+        pass
+
+
 class Server:
     def __init__(self, name: str, args: list[str], log_path: Path) -> None:
         self.name = name
@@ -48,7 +57,7 @@ class Server:
             # A session of its own: Ctrl+C typed in the wallet must not reach the servers; we stop them.
             self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=HERE, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is None:
@@ -136,7 +145,7 @@ def stop_all(servers: list[Server]) -> None:
 
 def wait_for_signal() -> None:
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
         pass
@@ -150,12 +159,15 @@ def run_wallet(args: argparse.Namespace) -> int:
     # The wallet owns the terminal; this process only waits, and ignores the Ctrl+C meant for the wallet.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     wallet = subprocess.Popen(command, cwd=Path.cwd())
+    # SIGTERM, or the terminal going away (SIGHUP): end the wallet, then (finally, in main) the servers.
     terminate = signal.signal(signal.SIGTERM, lambda *_: wallet.terminate())
+    hangup = signal.signal(signal.SIGHUP, lambda *_: wallet.terminate())
     try:
         return wallet.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, terminate)
+        signal.signal(signal.SIGHUP, hangup)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from protofiles import payment_pb2_grpc as pbg
 from tests.harness import Cluster, free_port, health_ok, make_certs, wait_until
 
 from bench.starter import DEFAULT_STARTER, Starter
+from bench.wallet import drain_rate, startup_seconds
 
 
 def rss_mb(pid: int) -> float:
@@ -144,6 +145,9 @@ def bench_strife(work: Path, n: int, quick: bool) -> dict[str, float]:
         seed_finished_keys(cluster.data_dir / "gateway.sqlite3", "alice", 99_000, "big")
         results["replay_100k_keys"] = measure(replay_caller(stub, token, "big", 99_000), n)["rate"]
 
+        results.update(drain_rate(cluster, work / "wallet", 100 if quick else 500))
+        results["wallet_startup_s"] = startup_seconds(certs, work / "wallet-startup")
+
         mem_payments = 2000 if quick else 20_000
         results["rss_before_mb"] = rss_mb(gateway_pid)
         measure(payment_caller(stub, token, "mem"), mem_payments, threads=16)
@@ -207,9 +211,9 @@ def print_table(s: dict[str, float], b: dict[str, float]) -> None:
         (f"gateway RSS MB before / after {s['rss_payments']:.0f} payments",
          f"{s['rss_before_mb']:.1f} / {s['rss_after_mb']:.1f}", "", f"+{s['rss_after_mb'] - s['rss_before_mb']:.1f} MB"),
     ]
-    for extra in ("drain", "wallet_startup_s"):
-        if extra in s:
-            rows.append((extra, f"{s[extra]:.2f}", "", ""))
+    rows.append((f"outbox drain /s ({s['drain_count']:.0f} queued offline)", f"{s['drain']:.0f}", "",
+                 f"{s['drain'] / s['sequential']:.0%} of sequential; exactly once: {bool(s['drain_exactly_once'])}"))
+    rows.append(("wallet start-up to login screen s", f"{s['wallet_startup_s']:.2f}", "", "headless"))
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'Strife':>14}  {'starter':>14}  note")
     for name, mine, theirs, note in rows:

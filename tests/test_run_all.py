@@ -90,3 +90,59 @@ def test_run_all_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "cannot start" in result.stderr and "port" in result.stderr
     wait_until(lambda: _processes_mentioning(str(tmp_path / "data")) == [], 10, message="no server left running")
+
+
+def test_run_all_runs_the_wallet_in_the_foreground_and_stops_the_servers_when_it_quits(tmp_path: Path) -> None:
+    import pty
+    import select
+    import time
+
+    ports = {bank: free_port() for bank in OPENING}
+    config, data = tmp_path / "config", tmp_path / "data"
+    write_config(config, {bank: f"localhost:{port}" for bank, port in ports.items()})
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: run_all on a real terminal, as a person would start it
+        os.chdir(REPO)
+        os.environ.update(TERM="xterm-256color", COLUMNS="120", LINES="40")
+        os.execv(sys.executable, [sys.executable, "run_all.py", "--config-dir", str(config), "--certs-dir",
+                                  str(tmp_path / "certs"), "--data-dir", str(data), "--gateway-port", str(free_port())])
+    screen = b""
+    try:
+        def read_for(seconds: float) -> None:
+            nonlocal screen
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if ready:
+                    try:
+                        screen += os.read(fd, 65536)
+                    except OSError:
+                        return
+
+        deadline = time.monotonic() + 60
+        while b"Log in" not in screen and time.monotonic() < deadline:  # the login screen is drawn
+            read_for(0.2)
+        assert b"Log in" in screen, screen[-2000:]
+        assert len(_processes_mentioning(str(data))) == 3
+        read_for(0.5)
+        assert b"INFO" not in screen and b"method=" not in screen  # no server log drawn over the wallet
+        os.write(fd, b"\x11")  # ctrl+q quits the wallet
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            read_for(0.2)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+        else:
+            raise AssertionError("run_all did not exit after the wallet quit")
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert b"all servers stopped" in screen
+        assert _processes_mentioning(str(data)) == []
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
+        for leftover in _processes_mentioning(str(data)):
+            os.kill(leftover, signal.SIGKILL)

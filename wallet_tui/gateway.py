@@ -1,0 +1,168 @@
+"""The wallet's only line to the payment gateway: gRPC over TLS (verified with ca.crt), the bearer token and
+idempotency key as metadata, a deadline on every call, and the standard health check.
+
+Thread-safe (one gRPC channel, sync stubs): the UI calls it from thread workers, never from the event loop.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protofiles import payment_pb2, payment_pb2_grpc
+from wallet_tui.money import paise_to_wire, wire_to_paise
+
+LOGIN_TIMEOUT = 10.0      # the gateway checks a slow (scrypt) password hash
+READ_TIMEOUT = 5.0        # balances (fans out to the banks, 2 s each) and history
+HEALTH_TIMEOUT = 2.0
+
+STATUS_WORDS = {
+    payment_pb2.PAYMENT_STATUS_SUCCEEDED: "succeeded",
+    payment_pb2.PAYMENT_STATUS_DECLINED: "declined",
+    payment_pb2.PAYMENT_STATUS_FAILED: "failed",
+    payment_pb2.PAYMENT_STATUS_PROCESSING: "processing",
+}
+
+
+class GatewayError(Exception):
+    """A call that did not get a response: carries the gRPC status code and the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    token: str
+    expires_at: float
+    accounts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PaymentReply:
+    status: str               # succeeded | declined | failed
+    transaction_id: str
+    message: str
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class Balance:
+    account: str
+    available: bool           # False: the account's bank could not be reached; no number is made up
+    balance_paise: int = 0
+    available_paise: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    transaction_id: str
+    from_account: str
+    to_account: str
+    amount_paise: int
+    status: str
+    message: str
+    outgoing: bool
+    idempotency_key: str
+    created_at: float         # unix seconds
+
+
+class Gateway(Protocol):
+    """What the wallet needs from a gateway; `GrpcGateway` is the real one, tests may inject a fake."""
+
+    def login(self, username: str, password: str) -> LoginResult: ...
+    def pay(self, token: str, key: str, from_account: str, to_account: str, amount_paise: int) -> PaymentReply: ...
+    def balances(self, token: str) -> list[Balance]: ...
+    def history(self, token: str, limit: int = 50) -> list[HistoryRecord]: ...
+    def health(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class GrpcGateway:
+    def __init__(self, address: str, ca_path: Path, *, pay_timeout: float = 15.0) -> None:
+        try:
+            ca = ca_path.read_bytes()
+        except OSError as exc:
+            raise GatewayError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"cannot read the CA certificate {ca_path}: {exc.strerror}") from exc
+        self.address = address
+        self.pay_timeout = pay_timeout
+        self._credentials = grpc.ssl_channel_credentials(ca)
+        self._lock = threading.Lock()
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        self._channel = grpc.secure_channel(self.address, self._credentials, options=[
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.enable_retries", 0),  # resends are the outbox's business, always with the same key
+        ])
+        self._stub = payment_pb2_grpc.PaymentGatewayStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @staticmethod
+    def _auth(token: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {token}")]
+
+    @staticmethod
+    def _call(method, request, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return method(request, **kwargs)
+        except grpc.RpcError as exc:
+            code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+            details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+            raise GatewayError(code or grpc.StatusCode.UNKNOWN, details or "") from None
+
+    def login(self, username: str, password: str) -> LoginResult:
+        reply = self._call(self._stub.Login, payment_pb2.LoginRequest(username=username, password=password),
+                           timeout=LOGIN_TIMEOUT)
+        return LoginResult(reply.token, float(reply.expires_at_unix), tuple(reply.accounts))
+
+    def pay(self, token: str, key: str, from_account: str, to_account: str, amount_paise: int) -> PaymentReply:
+        request = payment_pb2.PaymentRequest(from_account=from_account, to_account=to_account,
+                                             amount=paise_to_wire(amount_paise))
+        reply = self._call(self._stub.ProcessPayment, request, timeout=self.pay_timeout,
+                           metadata=[*self._auth(token), ("idempotency-key", key)])
+        status = STATUS_WORDS.get(reply.status, "succeeded" if reply.success else "failed")
+        return PaymentReply(status, reply.transaction_id, reply.message, reply.replayed)
+
+    def balances(self, token: str) -> list[Balance]:
+        reply = self._call(self._stub.GetBalance, payment_pb2.GatewayBalanceRequest(), timeout=READ_TIMEOUT,
+                           metadata=self._auth(token))
+        return [Balance(d.account, d.available, d.balance_paise or wire_to_paise(d.balance),
+                        d.available_paise or wire_to_paise(d.available_balance), d.message)
+                for d in reply.details]
+
+    def history(self, token: str, limit: int = 50) -> list[HistoryRecord]:
+        reply = self._call(self._stub.ListPayments, payment_pb2.ListPaymentsRequest(limit=limit),
+                           timeout=READ_TIMEOUT, metadata=self._auth(token))
+        return [HistoryRecord(p.transaction_id, p.from_account, p.to_account,
+                              p.amount_paise or wire_to_paise(p.amount), STATUS_WORDS.get(p.status, "processing"),
+                              p.message, p.outgoing, p.idempotency_key, p.created_at_ms / 1000)
+                for p in reply.payments]
+
+    def health(self) -> bool:
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT)
+        except grpc.RpcError:
+            # A channel that failed sits in reconnect backoff for up to a second; a fresh one dials at once,
+            # so the next poll sees a returning gateway straight away. A call still on the old channel ends
+            # CANCELLED, which the sync loop resends with the same key.
+            with self._lock:
+                old = self._channel
+                self._open_channel()
+            old.close()
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        with self._lock:
+            self._channel.close()

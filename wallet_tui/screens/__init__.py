@@ -1,0 +1,1 @@
+"""The wallet's screens: log in, then one main screen."""

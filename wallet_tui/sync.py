@@ -1,0 +1,195 @@
+"""The sync loop's rules: how a send's outcome is classified (CONTRACT §8), and the engine that sends one
+payment, drains the queue oldest first (one drain at a time), backs off, and expires old payments.
+
+No Textual here: every method is a plain blocking call, made from a worker thread, that returns the events it
+produced (`Finished`, `Deferred`, `WentOffline`, `LoginRequired`) for the UI to show.
+"""
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from wallet_tui.gateway import Gateway, GatewayError, PaymentReply
+from wallet_tui.outbox import Outbox, OutboxEntry
+
+# No final answer: the payment may or may not have run. Resend later with the same key; the gateway replays
+# the stored outcome if it ran, or runs it (once) if it did not.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED})
+# These mean the gateway (or the link to it) is gone, not that this payment is busy.
+CONNECTIVITY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          grpc.StatusCode.CANCELLED})
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+
+
+@dataclass(frozen=True)
+class Classified:
+    kind: str          # "final" | "retry" | "login"
+    status: str = ""   # for final: succeeded | declined | failed
+    message: str = ""
+    code: grpc.StatusCode | None = None  # the error's status code, None for a response
+
+
+def classify(result: PaymentReply | GatewayError) -> Classified:
+    """CONTRACT §8: a response is final; UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, CANCELLED → resend later;
+    UNAUTHENTICATED → pending until the user logs in again; any other error is a final failure (the gateway
+    refused the request before running it, e.g. INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION)."""
+    if isinstance(result, PaymentReply):
+        return Classified("final", result.status if result.status in ("succeeded", "declined") else "failed",
+                          result.message)
+    if result.code in TRANSIENT:
+        return Classified("retry", message=f"{result.code.name.lower()}: {result.message}", code=result.code)
+    if result.code is grpc.StatusCode.UNAUTHENTICATED:
+        return Classified("login", message=result.message or "session expired", code=result.code)
+    return Classified("final", "failed", result.message or result.code.name, result.code)
+
+
+def backoff_delay(attempts: int) -> float:
+    """1 s, 2 s, 4 s … capped at 60 s, ±20 % jitter so many wallets do not resend in step."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
+
+
+# ---- events for the UI -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Finished:
+    entry: OutboxEntry          # status is final; replayed: the gateway had it already
+    queued: bool = False        # it had waited in the queue (sent by a drain, not straight from the form)
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Deferred:
+    entry: OutboxEntry
+    reason: str
+
+
+@dataclass(frozen=True)
+class WentOffline:
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoginRequired:
+    reason: str
+
+
+Event = Finished | Deferred | WentOffline | LoginRequired
+
+
+@dataclass
+class DrainReport:
+    events: list[Event] = field(default_factory=list)
+    sent: int = 0               # queued payments that reached a final outcome in this drain
+    skipped: bool = False       # another drain was running
+
+
+class SyncEngine:
+    def __init__(self, gateway: Gateway, outbox: Outbox, token: Callable[[], str], *,
+                 max_age: float, clock: Callable[[], float]) -> None:
+        self.gateway = gateway
+        self.outbox = outbox
+        self.token = token
+        self.max_age = max_age
+        self.clock = clock
+        self.online = True             # a successful call (or health check) is the proof
+        self.login_required = False
+        self._state = threading.Lock()
+        self._drain_lock = threading.Lock()
+        self._in_flight: set[str] = set()
+
+    @property
+    def in_flight(self) -> frozenset[str]:
+        with self._state:
+            return frozenset(self._in_flight)
+
+    def set_online(self, online: bool, reason: str = "") -> list[Event]:
+        with self._state:
+            changed, self.online = self.online != online, online
+        return [WentOffline(reason)] if changed and not online else []
+
+    # ---- one payment ---------------------------------------------------------------------------------------
+    def send(self, key: str, *, queued: bool = False) -> list[Event]:
+        """Send one pending payment (with its stored key) and record what came of it."""
+        with self._state:
+            if key in self._in_flight:
+                return []              # someone else is sending it right now
+            self._in_flight.add(key)
+        try:
+            entry = self.outbox.record_attempt(key)   # durable before the request leaves
+            if entry is None:
+                return []
+            try:
+                result: PaymentReply | GatewayError = self.gateway.pay(
+                    self.token(), entry.key, entry.from_account, entry.to_account, entry.amount_paise)
+            except GatewayError as exc:
+                result = exc
+            return self._record(entry, classify(result), queued,
+                                isinstance(result, PaymentReply) and result.replayed,
+                                result.transaction_id if isinstance(result, PaymentReply) else "")
+        finally:
+            with self._state:
+                self._in_flight.discard(key)
+
+    def _record(self, entry: OutboxEntry, outcome: Classified, queued: bool, replayed: bool,
+                transaction_id: str) -> list[Event]:
+        if outcome.kind == "final":
+            self.set_online(True)
+            done = self.outbox.finish(entry.key, outcome.status, outcome.message, transaction_id)
+            return [Finished(done, queued, replayed)] if done else []
+        events: list[Event] = []
+        if outcome.kind == "login":
+            with self._state:
+                first, self.login_required = not self.login_required, True
+            if first:
+                events.append(LoginRequired(outcome.message))
+            deferred = self.outbox.defer(entry.key, "waiting for you to log in again", 0.0)
+        else:
+            if outcome.code in CONNECTIVITY:
+                events += self.set_online(False, outcome.message)
+            deferred = self.outbox.defer(entry.key, outcome.message,
+                                         self.clock() + backoff_delay(entry.attempts))
+        if deferred:
+            events.append(Deferred(deferred, outcome.message))
+        return events
+
+    # ---- the queue -----------------------------------------------------------------------------------------
+    def expire(self) -> list[Event]:
+        """Pending payments older than max_age are not sent any more; each becomes `expired`."""
+        events: list[Event] = []
+        cutoff = self.clock() - self.max_age
+        for entry in self.outbox.pending():
+            if entry.created_at > cutoff:
+                break  # oldest first: the rest are younger
+            if entry.key in self.in_flight:
+                continue
+            note = ("it may have reached the gateway before expiring; check the history" if entry.maybe_sent
+                    else "it was never sent")
+            done = self.outbox.finish(entry.key, "expired", f"older than the maximum age; {note}")
+            if done:
+                events.append(Finished(done, queued=True))
+        return events
+
+    def drain(self, *, force: bool = False) -> DrainReport:
+        """Send the queue oldest first. `force` ignores backoff (the gateway just came back). Only one drain
+        runs at a time; a final outcome never stops it, losing the gateway or the session does."""
+        if not self._drain_lock.acquire(blocking=False):
+            return DrainReport(skipped=True)
+        report = DrainReport()
+        try:
+            report.events += self.expire()
+            for entry in self.outbox.pending():
+                if not self.online or self.login_required:
+                    break
+                if not force and entry.next_attempt_at > self.clock():
+                    continue
+                events = self.send(entry.key, queued=True)
+                report.events += events
+                report.sent += sum(1 for e in events if isinstance(e, Finished))
+        finally:
+            self._drain_lock.release()
+        return report
