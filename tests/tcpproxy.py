@@ -20,6 +20,7 @@ class TcpProxy:
         self._conns: set[tuple[socket.socket, socket.socket]] = set()
         self._cut = False
         self._drop_replies = 0          # how many replies still to lose (-1: all of them)
+        self._drop_min_bytes = 0        # reply chunks smaller than this pass even while dropping is armed
         self.dropped_replies = 0
         self.connections = 0
         self._closed = False
@@ -43,11 +44,16 @@ class TcpProxy:
             self._cut = False
             self._drop_replies = 0
 
-    def drop_replies(self, count: int = 1) -> None:
+    def drop_replies(self, count: int = 1, min_bytes: int = 0) -> None:
         """Let requests through but lose the next `count` replies (-1: every reply): the first bytes coming
-        back from the server on a connection are discarded and that connection is reset."""
+        back from the server on a connection are discarded and that connection is reset.
+
+        With `min_bytes`, reply chunks shorter than that still pass, so HTTP/2 control frames (a PING or
+        WINDOW_UPDATE is well under 100 bytes, even in a TLS record) get through and the chunk lost is the
+        RPC's response itself, sent only once the server has finished the call."""
         with self._lock:
             self._drop_replies = count
+            self._drop_min_bytes = min_bytes
 
     def close(self) -> None:
         self._closed = True
@@ -91,7 +97,7 @@ class TcpProxy:
                     break
                 if is_reply:
                     with self._lock:
-                        lose = self._drop_replies != 0
+                        lose = self._drop_replies != 0 and len(data) >= self._drop_min_bytes
                         if lose:
                             if self._drop_replies > 0:
                                 self._drop_replies -= 1

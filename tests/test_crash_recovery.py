@@ -1,0 +1,504 @@
+"""Exactly-once across failures (CONTRACT §5, §6): lost replies, gateway crashes at every recovery point,
+`kill -9` at random moments, banks killed, two gateways on one store, and the sweep of old keys.
+
+Every test runs real processes over real TLS and asserts on the ledgers on disk: balances, holds, the state of
+each transaction id at each bank, and that the total of all balances never changes.
+"""
+from __future__ import annotations
+
+import random
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+import pytest
+
+from protofiles import payment_pb2 as pb
+from servers.faults import POINTS
+from tests.harness import OPENING, OPENING_TOTAL, Client, Cluster, Proc, free_port, wait_until
+from tests.tcpproxy import TcpProxy
+
+MakeCluster = Callable[..., Cluster]
+SUCCEEDED, FAILED = pb.PAYMENT_STATUS_SUCCEEDED, pb.PAYMENT_STATUS_FAILED
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+             grpc.StatusCode.CANCELLED)
+
+
+# Generous: these tests are about crashes, not slow banks, and a loaded machine must not turn a YES into a timeout.
+TXN_TIMEOUT = 5.0
+
+
+@pytest.fixture
+def cluster(make_cluster: MakeCluster) -> Cluster:
+    return make_cluster(txn_timeout=TXN_TIMEOUT)
+
+
+def key() -> str:
+    return f"test-{uuid.uuid4()}"
+
+
+# ---- reading the gateway's store ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeyRow:
+    txn_id: str
+    recovery_point: str
+    locked_by: str | None
+    response: pb.PaymentResponse | None
+
+
+def key_row(cluster: Cluster, user: str, idem_key: str) -> KeyRow | None:
+    with cluster.gateway_db() as db:
+        row = db.execute("SELECT p.txn_id, k.recovery_point, k.locked_by, k.response FROM idempotency_keys k"
+                         " JOIN payments p ON p.id = k.payment_id WHERE k.username = ? AND k.idem_key = ?",
+                         (user, idem_key)).fetchone()
+    if row is None:
+        return None
+    return KeyRow(row[0], row[1], row[2], None if row[3] is None else pb.PaymentResponse.FromString(row[3]))
+
+
+def payments_with_key(cluster: Cluster, user: str, idem_key: str) -> list[tuple[str, str]]:
+    """(txn_id, status) of every payment ever executed under this key, oldest first."""
+    with cluster.gateway_db() as db:
+        return db.execute("SELECT txn_id, status FROM payments WHERE username = ? AND idem_key = ? ORDER BY id",
+                          (user, idem_key)).fetchall()
+
+
+def committed(cluster: Cluster, bank: str) -> set[str]:
+    return {t for t, state in cluster.txn_states(bank).items() if state == "committed"}
+
+
+def owner_pid(locked_by: str | None) -> int | None:
+    return None if not locked_by else int(locked_by.split("-", 1)[0])
+
+
+# ---- processes -------------------------------------------------------------------------------------------------
+def start_with_gateway_crash_at(make_cluster: MakeCluster, point: str, **kwargs) -> Cluster:
+    """Banks and a gateway armed to SIGKILL itself when a payment reaches `point`."""
+    cluster = make_cluster(start=False, **{"txn_timeout": TXN_TIMEOUT, **kwargs})
+    for bank in OPENING:
+        cluster.procs[bank] = cluster.bank_proc(bank).start()
+    gateway = cluster.gateway_proc()
+    gateway.env = {"STRIFE_CRASH_AT": point}
+    cluster.procs["gateway"] = gateway.start()
+    for bank in OPENING:
+        cluster.wait_bank(bank)
+    cluster.wait_gateway()
+    return cluster
+
+
+def start_extra_gateway(cluster: Cluster, name: str, crash_at: str | None = None) -> int:
+    """Another gateway process on the same --data-dir (the same SQLite store); returns its port."""
+    port = free_port()
+    proc = cluster.gateway_proc(port=port, name=name)
+    if crash_at:
+        proc.env = {"STRIFE_CRASH_AT": crash_at}
+    cluster.procs[name] = proc.start()
+    cluster.wait_gateway(port=port, name=name)
+    return port
+
+
+def wait_killed_itself(proc: Proc) -> None:
+    wait_until(lambda: not proc.alive, 10, message=f"{proc.name} to SIGKILL itself at its crash point")
+    assert proc.popen.returncode == -signal.SIGKILL, proc.log()[-2000:]
+
+
+def wait_settled(cluster: Cluster, timeout: float = 15) -> None:
+    wait_until(lambda: cluster.unfinished_payments() == 0, timeout, message="every payment to be finished")
+    wait_until(lambda: cluster.holds() == 0, timeout, message="every hold to be released")
+
+
+def assert_conserved(cluster: Cluster) -> None:
+    assert cluster.total() == OPENING_TOTAL
+    assert cluster.holds() == 0
+
+
+# ---- a lost reply, a restart ---------------------------------------------------------------------------------
+def test_retry_after_lost_reply_debits_once(cluster: Cluster) -> None:
+    proxy = TcpProxy(cluster.gateway_port)
+    try:
+        alice = cluster.client("alice", address=proxy.address)
+        k = key()
+        # The request reaches the gateway and executes; only the response is lost on the way back.
+        proxy.drop_replies(1, min_bytes=100)
+        with pytest.raises(grpc.RpcError) as err:
+            alice.pay(k, "SBI-1001", "HDFC-2001", 75.50)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert proxy.dropped_replies == 1
+        executed = key_row(cluster, "alice", k)
+        assert executed is not None and executed.recovery_point == "finished"
+        assert cluster.balance("SBI-1001") == 500_000 - 7_550
+
+        # Retried as a wallet would: same key, again on UNAVAILABLE (the channel may first trip over the reset).
+        retry = alice.pay_until_final(k, "SBI-1001", "HDFC-2001", 75.50, deadline=15)
+        assert retry.replayed and retry.success and retry.status == SUCCEEDED
+        assert retry.transaction_id == executed.txn_id
+        assert payments_with_key(cluster, "alice", k) == [(executed.txn_id, "succeeded")]
+        assert committed(cluster, "SBI") == committed(cluster, "HDFC") == {executed.txn_id}
+        assert cluster.balance("SBI-1001") == 500_000 - 7_550
+        assert cluster.balance("HDFC-2001") == 300_000 + 7_550
+        assert_conserved(cluster)
+    finally:
+        proxy.close()
+
+
+def test_replay_after_gateway_restart_returns_stored_response_without_new_debit(cluster: Cluster) -> None:
+    alice = cluster.client("alice")
+    k = key()
+    first = alice.pay(k, "SBI-1001", "HDFC-2001", 200)
+    assert first.success and not first.replayed
+    cluster.restart("gateway")  # SIGKILL, then a fresh process on the same store
+    bank_calls = {b: cluster.procs[b].log().count("method=/Bank/Prepare") for b in OPENING}
+
+    again, md = alice.pay_with_call(k, "SBI-1001", "HDFC-2001", 200)  # the token survives the restart too
+    assert md.get("idempotent-replayed") == "true"
+    assert again.replayed
+    again.replayed = False
+    assert again == first
+    assert {b: cluster.procs[b].log().count("method=/Bank/Prepare") for b in OPENING} == bank_calls
+    assert len(payments_with_key(cluster, "alice", k)) == 1
+    assert cluster.balance("SBI-1001") == 500_000 - 20_000
+    assert cluster.balance("HDFC-2001") == 300_000 + 20_000
+    assert_conserved(cluster)
+
+
+# ---- a crash at each recovery point --------------------------------------------------------------------------
+# Where the payment stands when the gateway dies at each point: the key's recovery point, and what the banks hold.
+AT_CRASH = {
+    "after_claim": ("started", None),            # no bank has heard of it
+    "after_prepare": ("started", "prepared"),    # both banks voted YES and hold it
+    "after_decide": ("commit_decided", "prepared"),
+    "after_deliver": ("commit_decided", "committed"),  # both banks committed; only 'finished' is missing
+}
+MOVES_MONEY = {"after_claim": False, "after_prepare": False, "after_decide": True, "after_deliver": True}
+
+
+@pytest.mark.parametrize("settled_by", ["retry", "startup_recovery"])
+@pytest.mark.parametrize("point", POINTS)
+def test_gateway_crash_at_recovery_point_settles_exactly_once(make_cluster: MakeCluster, point: str,
+                                                              settled_by: str) -> None:
+    cluster = start_with_gateway_crash_at(make_cluster, point)
+    alice = cluster.client("alice")
+    k = key()
+    with pytest.raises(grpc.RpcError) as err:
+        alice.pay(k, "SBI-1001", "HDFC-2001", 100)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    wait_killed_itself(cluster.procs["gateway"])
+
+    # The crash happened exactly where it was meant to.
+    at_crash = key_row(cluster, "alice", k)
+    expected_point, bank_state = AT_CRASH[point]
+    assert at_crash is not None and at_crash.recovery_point == expected_point
+    txn = at_crash.txn_id
+    for bank in OPENING:
+        assert cluster.txn_states(bank).get(txn) == bank_state
+    assert cluster.holds() == (10_000 if bank_state == "prepared" else 0)
+
+    cluster.restart("gateway")  # without the crash point
+    # The restarted gateway's completer starts (and locks what the dead owner left) before its server does, so
+    # a retry finds an undecided payment already being aborted (ABORTED, then the stored FAILED) rather than
+    # resuming it; a decided one replays its stored SUCCEEDED while Commit is re-sent.
+    if settled_by == "retry":
+        final = alice.pay_until_final(k, "SBI-1001", "HDFC-2001", 100, deadline=20)
+        wait_settled(cluster)
+    else:
+        wait_settled(cluster)  # nobody asks: start-up recovery alone must finish it
+        final = key_row(cluster, "alice", k).response
+
+    moved = MOVES_MONEY[point]
+    assert final.transaction_id == txn
+    assert final.status == (SUCCEEDED if moved else FAILED) and final.success is moved
+    for bank in OPENING:
+        assert cluster.txn_states(bank)[txn] == ("committed" if moved else "aborted")
+    assert payments_with_key(cluster, "alice", k) == [(txn, "succeeded" if moved else "failed")]
+    assert cluster.balance("SBI-1001") == 500_000 - (10_000 if moved else 0)
+    assert cluster.balance("HDFC-2001") == 300_000 + (10_000 if moved else 0)
+    assert_conserved(cluster)
+
+    # From now on the key only ever replays that one outcome.
+    replay = alice.pay(k, "SBI-1001", "HDFC-2001", 100)
+    assert replay.replayed and replay.transaction_id == txn and replay.status == final.status
+    assert cluster.balance("SBI-1001") == 500_000 - (10_000 if moved else 0)
+
+
+# ---- kill -9 at random moments -------------------------------------------------------------------------------
+def test_gateway_kill9_at_random_moments_settles_each_key_exactly_once(cluster: Cluster) -> None:
+    rng = random.Random(0x5791FE)
+    routes = [("alice", "SBI-1001", "HDFC-2001"), ("bob", "HDFC-2001", "SBI-1002"),
+              ("carol", "SBI-1002", "HDFC-2002"), ("alice", "HDFC-2002", "SBI-1003")]
+    clients = {user: cluster.client(user) for user in {r[0] for r in routes}}
+    chaos_over = threading.Event()
+    lock = threading.Lock()
+    outcomes: dict[str, tuple[str, str, str, int, pb.PaymentResponse]] = {}  # key → (user, from, to, paise, resp)
+    interrupted_calls = [0]
+    failures: list[BaseException] = []
+
+    def pay_until_final(client: Client, k: str, src: str, dst: str, amount: float) -> pb.PaymentResponse:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                return client.pay(k, src, dst, amount, timeout=5)
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or time.monotonic() > end:
+                    raise
+                with lock:
+                    interrupted_calls[0] += 1
+                time.sleep(0.05)
+
+    def payer(index: int, user: str, src: str, dst: str) -> None:
+        local = random.Random(index)
+        try:
+            for n in range(200):
+                if chaos_over.is_set() and n >= 5:
+                    return
+                k = f"chaos-{index}-{n}-{uuid.uuid4().hex[:8]}"
+                paise = local.randint(100, 900)
+                response = pay_until_final(clients[user], k, src, dst, paise / 100)
+                with lock:
+                    outcomes[k] = (user, src, dst, paise, response)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failures.append(exc)
+
+    def driver() -> None:
+        try:
+            for _ in range(3):
+                time.sleep(rng.uniform(0.1, 0.6))  # chaos timing, not synchronisation
+                cluster.restart("gateway")  # SIGKILL at whatever moment this is, then start again
+        except BaseException as exc:  # noqa: BLE001
+            failures.append(exc)
+        finally:
+            chaos_over.set()
+
+    threads = [threading.Thread(target=payer, args=(i, *route)) for i, route in enumerate(routes)]
+    threads.append(threading.Thread(target=driver))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures
+    assert not any(t.is_alive() for t in threads)
+    assert interrupted_calls[0] > 0, "the kills never hit a client"
+
+    wait_settled(cluster)
+    expected = {a: int(round(v * 100)) for accounts in OPENING.values() for a, v in accounts.items()}
+    by_bank: dict[str, set[str]] = {bank: set() for bank in OPENING}
+    for k, (user, src, dst, paise, response) in outcomes.items():
+        assert response.status in (SUCCEEDED, FAILED), response
+        # One outcome per key: the store has one payment for it, and asking again replays exactly that.
+        assert payments_with_key(cluster, user, k) == [
+            (response.transaction_id, "succeeded" if response.status == SUCCEEDED else "failed")]
+        replay = clients[user].pay(k, src, dst, paise / 100)
+        assert replay.replayed and replay.transaction_id == response.transaction_id
+        assert replay.status == response.status
+        states = [cluster.txn_states(b).get(response.transaction_id) for b in {src.split("-")[0],
+                                                                               dst.split("-")[0]}]
+        if response.status == SUCCEEDED:
+            assert states == ["committed"] * len(states)
+            expected[src] -= paise
+            expected[dst] += paise
+            for bank in {src.split("-")[0], dst.split("-")[0]}:
+                by_bank[bank].add(response.transaction_id)
+        else:
+            assert "committed" not in states
+    assert sum(r[4].status == SUCCEEDED for r in outcomes.values()) > 0
+    log = cluster.procs["gateway"].log()  # one file across the restarts
+    recovered = sum(log.count(s) for s in ("aborted undecided payment", "finished commit_decided payment",
+                                           "retry=resumed"))
+    assert recovered > 0, "no kill landed in the middle of a payment"
+    for bank in OPENING:
+        assert committed(cluster, bank) == by_bank[bank]  # no commit that no client was told about
+    assert {a: b for a, (b, _) in cluster.accounts().items()} == expected
+    assert_conserved(cluster)
+    assert cluster.unfinished_payments() == 0
+
+
+# ---- banks killed ---------------------------------------------------------------------------------------------
+def test_bank_state_survives_kill9(cluster: Cluster) -> None:
+    alice, bob = cluster.client("alice"), cluster.client("bob")
+    assert alice.pay(key(), "SBI-1001", "HDFC-2001", 123.45).success
+    assert bob.pay(key(), "HDFC-2001", "SBI-1002", 10).success
+    assert alice.pay(key(), "SBI-1001", "SBI-1003", 1).success
+    declined = cluster.client("dave").pay(key(), "SBI-1004", "HDFC-2001", 500)
+    assert declined.status == pb.PAYMENT_STATUS_DECLINED
+    before = cluster.accounts()
+    states = {bank: cluster.txn_states(bank) for bank in OPENING}
+    assert before["SBI-1001"] == (500_000 - 12_345 - 100, 0)
+    assert before["SBI-1003"] == (100_000 + 100, 0)
+
+    for bank in OPENING:
+        cluster.restart(bank)  # SIGKILL, then start on the same ledger
+    assert cluster.accounts() == before
+    assert {bank: cluster.txn_states(bank) for bank in OPENING} == states
+    # The restarted banks serve the ledger, not the opening balances of the config.
+    for account, (balance, _) in before.items():
+        reply = cluster.bank_stub(account.split("-")[0]).GetBalance(pb.BankBalanceRequest(account_number=account),
+                                                                    timeout=5)
+        assert reply.balance_paise == balance and reply.available_paise == balance
+    assert alice.pay_until_final(key(), "SBI-1001", "HDFC-2001", 5, deadline=10).success
+    assert cluster.balance("SBI-1001") == before["SBI-1001"][0] - 500
+    assert_conserved(cluster)
+
+
+# ---- two gateways on one store ---------------------------------------------------------------------------------
+def test_duplicates_split_across_two_gateways_debit_exactly_once(cluster: Cluster) -> None:
+    port2 = start_extra_gateway(cluster, "gateway2")
+    gateways = [cluster.client("alice"), cluster.client("alice", address=f"localhost:{port2}")]
+    k = key()
+    start = threading.Barrier(20)
+    results: list[object] = []
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        start.wait()
+        try:
+            outcome: object = gateways[i % 2].pay(k, "SBI-1001", "HDFC-2001", 42)
+        except grpc.RpcError as exc:
+            outcome = exc.code()
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 20
+    successes = [r for r in results if isinstance(r, pb.PaymentResponse)]
+    others = [r for r in results if not isinstance(r, pb.PaymentResponse)]
+    assert successes and all(r == grpc.StatusCode.ABORTED for r in others), others
+    assert len({r.transaction_id for r in successes}) == 1 and all(r.success for r in successes)
+    assert sum(not r.replayed for r in successes) <= 1
+    assert all(f"key={k}" in cluster.procs[name].log() for name in ("gateway", "gateway2"))
+    assert len(payments_with_key(cluster, "alice", k)) == 1
+    assert committed(cluster, "SBI") == {successes[0].transaction_id}
+    assert cluster.balance("SBI-1001") == 500_000 - 4_200
+    assert cluster.balance("HDFC-2001") == 300_000 + 4_200
+    assert_conserved(cluster)
+
+
+@pytest.mark.parametrize("point", ["after_prepare", "after_decide"])
+def test_payment_of_dead_gateway_is_taken_over_by_retry_through_live_gateway(make_cluster: MakeCluster,
+                                                                             point: str) -> None:
+    cluster = start_with_gateway_crash_at(make_cluster, point)
+    port2 = start_extra_gateway(cluster, "gateway2")
+    alice_dying, alice_live = cluster.client("alice"), cluster.client("alice", address=f"localhost:{port2}")
+    k = key()
+    with pytest.raises(grpc.RpcError):
+        alice_dying.pay(k, "SBI-1001", "HDFC-2001", 60)
+    wait_killed_itself(cluster.procs["gateway"])
+    txn = key_row(cluster, "alice", k).txn_id
+
+    # Straight to the live gateway: it finds the owner dead and finishes the payment (or its completer did).
+    final = alice_live.pay_until_final(k, "SBI-1001", "HDFC-2001", 60, deadline=20)
+    wait_settled(cluster)
+    assert final.transaction_id == txn
+    moved = final.status == SUCCEEDED
+    if point == "after_decide":
+        assert moved  # a decided commit is never turned into an abort
+    else:
+        assert final.status in (SUCCEEDED, FAILED)
+    for bank in OPENING:
+        assert cluster.txn_states(bank)[txn] == ("committed" if moved else "aborted")
+    assert payments_with_key(cluster, "alice", k) == [(txn, "succeeded" if moved else "failed")]
+    assert cluster.balance("SBI-1001") == 500_000 - (6_000 if moved else 0)
+    assert cluster.balance("HDFC-2001") == 300_000 + (6_000 if moved else 0)
+    assert_conserved(cluster)
+    replay = alice_live.pay(k, "SBI-1001", "HDFC-2001", 60)
+    assert replay.replayed and replay.transaction_id == txn and replay.status == final.status
+
+
+def freeze_outside_write_lock(proc: Proc, store: str) -> None:
+    """SIGSTOP a gateway, but never while it holds the store's write lock (that would stall every gateway)."""
+    for _ in range(50):
+        proc.pause()
+        probe = sqlite3.connect(store, timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            proc.resume()
+        finally:
+            probe.close()
+    raise AssertionError(f"{proc.name} kept the store locked")
+
+
+def test_live_gateway_takes_over_dead_owners_payment_but_never_a_live_owners(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(txn_timeout=TXN_TIMEOUT)
+    port_b = start_extra_gateway(cluster, "gateway2")
+    port_c = start_extra_gateway(cluster, "gateway3", crash_at="after_decide")
+    gateway_a, gateway_b, gateway_c = (cluster.procs[n] for n in ("gateway", "gateway2", "gateway3"))
+    alice_a, alice_b = cluster.client("alice"), cluster.client("alice", address=f"localhost:{port_b}")
+    bob_c = cluster.client("bob", address=f"localhost:{port_c}")
+
+    # Gateway A claims k1 and waits on a silent bank; then A itself is frozen: alive, owning k1, undecided.
+    k1, answer_a = key(), []
+    cluster.procs["SBI"].pause()
+    payer = threading.Thread(target=lambda: answer_a.append(alice_a.pay(k1, "SBI-1001", "HDFC-2001", 30,
+                                                                        timeout=60)))
+    payer.start()
+    wait_until(lambda: key_row(cluster, "alice", k1), 10, message="gateway A to claim k1")
+    freeze_outside_write_lock(gateway_a, str(cluster.data_dir / "gateway.sqlite3"))
+    cluster.procs["SBI"].resume()
+    owner_a = key_row(cluster, "alice", k1)
+    assert owner_pid(owner_a.locked_by) == gateway_a.popen.pid and owner_a.recovery_point == "started"
+
+    # Gateway C dies right after deciding k2. B's completer is the only live one that can finish it.
+    k2 = key()
+    with pytest.raises(grpc.RpcError):
+        bob_c.pay(k2, "HDFC-2001", "SBI-1002", 20)
+    wait_killed_itself(gateway_c)
+    k2_txn = key_row(cluster, "bob", k2).txn_id
+    wait_until(lambda: key_row(cluster, "bob", k2).recovery_point == "finished", 10,
+               message="gateway B's completer to finish the dead gateway's payment")
+    assert f"finished commit_decided payment {k2_txn}" in gateway_b.log()
+    assert cluster.txn_states("SBI")[k2_txn] == cluster.txn_states("HDFC")[k2_txn] == "committed"
+
+    # That completer pass saw k1 too (it scans every unfinished key, oldest first) and left it to its live
+    # owner; so does a retry through B.
+    still = key_row(cluster, "alice", k1)
+    assert still.locked_by == owner_a.locked_by and still.recovery_point == "started"
+    with pytest.raises(grpc.RpcError) as err:
+        alice_b.pay(k1, "SBI-1001", "HDFC-2001", 30)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert key_row(cluster, "alice", k1).locked_by == owner_a.locked_by
+
+    # Thawed, A finishes its own payment and answers its client.
+    gateway_a.resume()
+    payer.join(30)
+    assert answer_a and answer_a[0].status in (SUCCEEDED, FAILED) and not answer_a[0].replayed
+    wait_settled(cluster)
+    k1_txn = answer_a[0].transaction_id
+    moved = 3_000 if answer_a[0].status == SUCCEEDED else 0
+    for bank in OPENING:
+        assert cluster.txn_states(bank)[k1_txn] == ("committed" if moved else "aborted")
+    assert payments_with_key(cluster, "alice", k1) == [(k1_txn, "succeeded" if moved else "failed")]
+    assert cluster.balance("SBI-1001") == 500_000 - moved
+    assert cluster.balance("HDFC-2001") == 300_000 + moved - 2_000
+    assert cluster.balance("SBI-1002") == 250_000 + 2_000
+    assert_conserved(cluster)
+
+
+# ---- the sweep of old keys ----------------------------------------------------------------------------------------
+def test_swept_key_executes_as_new_payment_and_history_keeps_the_old_one(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(txn_timeout=TXN_TIMEOUT, gateway_args=["--idempotency-ttl", "1"])
+    alice = cluster.client("alice")
+    k = key()
+    first = alice.pay(k, "SBI-1001", "HDFC-2001", 10)
+    assert first.success
+    assert alice.pay(k, "SBI-1001", "HDFC-2001", 10).replayed  # kept until the TTL runs out
+    wait_until(lambda: key_row(cluster, "alice", k) is None, 10, message="the finished key to be swept")
+    assert cluster.balance("SBI-1001") == 500_000 - 1_000
+
+    second = alice.pay(k, "SBI-1001", "HDFC-2001", 10)
+    assert second.success and not second.replayed
+    assert second.transaction_id != first.transaction_id
+    assert cluster.balance("SBI-1001") == 500_000 - 2_000
+    assert cluster.balance("HDFC-2001") == 300_000 + 2_000
+    history = [(p.transaction_id, p.idempotency_key, p.status) for p in alice.history()]
+    assert history[:2] == [(second.transaction_id, k, SUCCEEDED), (first.transaction_id, k, SUCCEEDED)]
+    assert_conserved(cluster)
