@@ -190,8 +190,9 @@ class Coordinator:
         taken, dead = await self.db.run(self.store.take_over_abandoned_in, 100)
         for owner_id in dead:
             self.store.owner.forget(owner_id)
+        taken_ids = {p.id for p in taken}
         done = 0
-        for payment in taken + self._own_stuck():
+        for payment in taken + [p for p in self._own_stuck() if p.id not in taken_ids]:
             if self._stop.is_set():
                 break
             try:
@@ -204,16 +205,32 @@ class Coordinator:
         return [p for p in self.store.owned_unfinished()
                 if p.recovery_point is not Point.STARTED and p.id not in self._delivering]
 
+    async def recover_at_start(self) -> int:
+        """Before serving: decide ABORT, durably, for every undecided payment a dead gateway left, so that no
+        retry arriving first can resume it instead (CONTRACT §6: a restarted gateway aborts what it had not
+        decided). Telling the banks is left to the completer, so a bank that is down cannot delay start-up."""
+        taken, dead = await self.db.run(self.store.take_over_abandoned_in, 1_000_000)
+        for owner_id in dead:
+            self.store.owner.forget(owner_id)
+        aborted = 0
+        for payment in taken:
+            if payment.recovery_point is Point.STARTED:
+                await self._abort_undecided(payment)
+                aborted += 1
+        return aborted
+
+    async def _abort_undecided(self, payment: Payment) -> None:
+        # Its owner died before deciding: we cannot know every vote, so abort (CONTRACT §6).
+        decision = Decision(False, FAILED, "interrupted before completion (the gateway restarted); no money moved")
+        await self.db.run(self.store.decide_in, payment, False, decision.status, decision.message,
+                          self.response_for(payment, decision).SerializeToString())
+        log.info("aborted undecided payment %s left by a dead gateway", payment.txn_id)
+
     async def _complete(self, payment: Payment) -> int:
         point = payment.recovery_point
         if point is Point.STARTED:
-            # Its owner died before deciding: we cannot know every vote, so abort (CONTRACT §6).
-            decision = Decision(False, FAILED, "interrupted before completion (the gateway restarted);"
-                                               " no money moved")
-            await self.db.run(self.store.decide_in, payment, False, decision.status, decision.message,
-                              self.response_for(payment, decision).SerializeToString())
+            await self._abort_undecided(payment)
             point = Point.ABORT_DECIDED
-            log.info("aborted undecided payment %s left by a dead gateway", payment.txn_id)
         if await self._deliver(payment, point, patience=0.0):
             await self.db.run(self.store.finish_in, payment)
             log.info("finished %s payment %s", point.value, payment.txn_id)

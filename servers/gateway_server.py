@@ -280,8 +280,11 @@ async def serve(settings: GatewaySettings) -> None:
     payment_pb2_grpc.add_PaymentGatewayServicer_to_server(servicer, server)
     health = await serving.add_health(server)
     serving.bind(server, settings.port, credentials)
+    aborted = await coordinator.recover_at_start()
+    if aborted:
+        log.info("start-up recovery: aborted %d undecided payments left by a dead gateway", aborted)
     completer = asyncio.ensure_future(_completer_loop(coordinator, store, sessions, settings, stop))
-    await server.start()  # the completer's first pass is the start-up recovery of what a dead gateway left
+    await server.start()  # the completer then delivers every decision a dead gateway left
     log.info("gateway listening on port %d (owner %s, store %s, txn timeout %g s)", settings.port, owner.id,
              settings.store_path, settings.txn_timeout)
 
