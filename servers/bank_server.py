@@ -92,10 +92,10 @@ class BankServicer(payment_pb2_grpc.BankServicer):
     def _start(self, kind: str, body: object) -> "asyncio.Future":
         """Validate and queue one operation (synchronously, so operations reach the ledger in arrival order)."""
         if kind == "prepare":
-            return asyncio.wrap_future(self.db.submit(self.ledger.prepare_in, *_prepare_args(body)))
+            return self.db.submit(self.ledger.prepare_in, *_prepare_args(body))
         txn_id = _check_txn_id(body.transaction_id)
         operation = self.ledger.commit_in if kind == "commit" else self.ledger.abort_in
-        return asyncio.wrap_future(self.db.submit(operation, txn_id))
+        return self.db.submit(operation, txn_id)
 
     @staticmethod
     def _to_message(kind: str, result: object) -> payment_pb2.Vote | payment_pb2.Ack:
