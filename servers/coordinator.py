@@ -128,7 +128,9 @@ class Coordinator:
             except grpc.RpcError as exc:
                 errors.append(_describe_error(bank, exc, self.txn_timeout))
                 continue
-            except futures.TimeoutError:  # pragma: no cover - the RPC deadline fires first
+            except (futures.TimeoutError, grpc.FutureTimeoutError):
+                # Normally the RPC deadline fires first; not when this process was frozen (or starved) past
+                # deadline and grace: then the wait ends first, and grpc raises its own FutureTimeoutError.
                 call.cancel()
                 errors.append(f"bank {bank} did not answer within {self.txn_timeout:g} s")
                 continue
