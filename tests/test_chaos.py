@@ -1,0 +1,94 @@
+"""The chaos run's short version (the long one is `python -m bench.chaos`, see bench/chaos.py).
+
+Four wallets' headless cores pay through TCP proxies while a seeded driver SIGKILLs and restarts the gateway
+(once with payments waiting in Prepare) and a bank, stalls them with SIGSTOP, cuts the wallet↔gateway and
+gateway↔bank links and loses replies on them. Afterwards every invariant of the money is checked against the
+ledgers, the gateway's store and the wallets' outboxes on disk.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from bench.chaos import ChaosConfig, run_chaos
+from bench.chaos_faults import FAULTS
+from protofiles import payment_pb2 as pb
+from tests.harness import OPENING_TOTAL, Cluster, wait_until
+
+# ~70 payments spread over 15 s of faults; the whole run takes about 25 s on 2 cores and is cut off at 50 s.
+SHORT = ChaosConfig(payments=72, wallets=4, seed=20_461, seconds_budget=50.0, chaos_seconds=15.0)
+
+
+def test_chaos_every_key_settles_once_and_money_is_conserved(tmp_path: Path, certs_dir: Path) -> None:
+    report = run_chaos(tmp_path, certs_dir, SHORT)
+    print(report.text())  # the figures, shown with -s or when the test fails
+    assert report.ok, report.text()
+
+    f = report.figures
+    assert f["submitted"] == SHORT.payments
+    assert f["succeeded"] + f["declined"] + f["failed"] == SHORT.payments
+    assert f["succeeded"] > 0, "chaos so heavy that nothing got through proves little"
+    # Every kind of fault happened at least once while the wallets were paying.
+    assert set(f["faults_by_kind"]) == set(FAULTS), f["faults_by_kind"]
+    assert f["gateway_kills"] >= 2 and f["gateway_kills_mid_payment"] >= 1 and f["bank_kills"] >= 1
+
+
+# ---- defects the chaos run found -------------------------------------------------------------------------------
+def _undecided(cluster: Cluster) -> int:
+    with cluster.gateway_db() as db:
+        return db.execute("SELECT count(*) FROM idempotency_keys WHERE recovery_point = 'started'").fetchone()[0]
+
+
+def test_regression_prepare_vote_timeout_after_a_gateway_stall_fails_the_payment_cleanly(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """Found by the chaos run (seed 11): the gateway was frozen (SIGSTOP) while Prepares were outstanding. On
+    SIGCONT the wait for a vote (`future.result(timeout=deadline + 0.5 s)`) expired before gRPC had failed the
+    call with DEADLINE_EXCEEDED, and raised `grpc.FutureTimeoutError`, which is not the
+    `concurrent.futures.TimeoutError` the coordinator caught. The payment escaped as UNKNOWN "Exception calling
+    application" (the wallet recorded a final failure with no transaction id) instead of a failed payment.
+    A vote that does not come in time must fail the payment with a response, like any other timeout."""
+    txn_timeout = 3.0  # long enough for all the payments to be waiting for votes at once
+    cluster = make_cluster(txn_timeout=txn_timeout)
+    routes = [("alice", "SBI-1001", "HDFC-2001"), ("bob", "HDFC-2001", "SBI-1002"),
+              ("carol", "SBI-1002", "HDFC-2002"), ("alice", "HDFC-2002", "SBI-1003"),
+              ("carol", "HDFC-2003", "SBI-1001"), ("bob", "HDFC-2001", "SBI-1003")]
+    clients = {user: cluster.client(user) for user in {r[0] for r in routes}}
+    before = cluster.accounts()
+    results: dict[int, object] = {}
+
+    def pay(i: int, user: str, src: str, dst: str) -> None:
+        try:
+            results[i] = clients[user].pay(f"stall-{i}-{uuid.uuid4()}", src, dst, 1.25, timeout=30)
+        except grpc.RpcError as exc:
+            results[i] = exc
+
+    cluster.procs["SBI"].pause()  # every payment touches SBI: its Prepare gets no vote
+    threads = [threading.Thread(target=pay, args=(i, *route)) for i, route in enumerate(routes)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: _undecided(cluster) == len(routes), txn_timeout,
+                   message="every payment to wait for its votes")
+        cluster.procs["gateway"].pause()
+        # The fault itself, not synchronisation: the vote deadline and its grace pass while the gateway is frozen.
+        time.sleep(txn_timeout + 1.5)
+    finally:
+        cluster.procs["gateway"].resume()
+        cluster.procs["SBI"].resume()
+    for t in threads:
+        t.join(40)
+    assert not any(t.is_alive() for t in threads)
+
+    for i, result in sorted(results.items()):
+        assert isinstance(result, pb.PaymentResponse), f"payment {i}: {result!r}"
+        assert result.status == pb.PAYMENT_STATUS_FAILED and result.transaction_id, result
+        assert "no money moved" in result.message, result.message
+    wait_until(lambda: cluster.unfinished_payments() == 0 and cluster.holds() == 0, 15,
+               message="every payment to be finished and every hold released")
+    assert cluster.accounts() == before
+    assert cluster.total() == OPENING_TOTAL
