@@ -9,6 +9,12 @@ between the two leaves it in both, and opening the outbox finishes the move (the
 
 The entry's `key` is its idempotency key: made once (uuid4) when the payment is submitted, written here before
 the first send, and sent unchanged on every resend. `attempts > 0` means a send may have reached the gateway.
+
+Every write rewrites a whole file (that is what makes it atomic), so a drain works in small batches to keep
+the number of writes per payment well below one: `record_attempts` marks a batch of the oldest queued
+payments as "may have been sent" in one write before they are sent one by one, and `finish_many` moves the
+batch's final outcomes in one write per file. A crash inside a batch costs only the ability to cancel its
+unsent payments, and the resend of payments whose outcome was not yet recorded (same keys: the gateway replays).
 """
 from __future__ import annotations
 
@@ -18,14 +24,15 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 from tinydb import Query, TinyDB
 
 from wallet_tui.storage import AtomicJSONStorage, OutboxLock
 
 FINAL_STATUSES = ("succeeded", "declined", "failed", "expired", "cancelled")
-FINISHED_KEPT = 500  # the finished file keeps the newest this many
+FINISHED_KEPT = 500   # the finished file keeps the newest this many …
+FINISHED_SLACK = 100  # … trimmed back only once it has this many more (one rewrite per 100, not per payment)
 
 
 class CannotCancel(Exception):
@@ -128,29 +135,82 @@ class Outbox:
     def record_attempt(self, key: str) -> OutboxEntry | None:
         """Written before every send: from here on the payment may reach the gateway and cannot be cancelled.
         None when the payment is no longer pending (finished, cancelled or expired meanwhile)."""
+        claimed = self.record_attempts([key])
+        return claimed[0] if claimed else None
+
+    def record_attempts(self, keys: Sequence[str]) -> list[OutboxEntry]:
+        """`record_attempt` for a batch, in one write: each of these payments may now reach the gateway. Returns
+        the ones still pending, in the order given (the others were finished, cancelled or expired meanwhile)."""
+        now = self.clock()
         with self._lock:
-            entry = self.get(key)
-            if entry is None or entry.final:
-                return None
-            return self._update(key, attempts=entry.attempts + 1, last_attempt_at=self.clock())
+            docs = {doc["key"]: doc for doc in self._hot.all()}
+            hits = [docs[key] for key in dict.fromkeys(keys) if key in docs]
+            if not hits:
+                return []
+
+            def bump(doc: dict[str, Any]) -> None:
+                doc["attempts"] = doc.get("attempts", 0) + 1
+                doc["last_attempt_at"] = now
+
+            self._hot.update(bump, doc_ids=[doc.doc_id for doc in hits])
+            return [OutboxEntry.from_doc({**doc, "attempts": doc.get("attempts", 0) + 1, "last_attempt_at": now})
+                    for doc in hits]
+
+    def release_attempts(self, entries: Iterable[OutboxEntry]) -> None:
+        """Undo `record_attempts` for claimed payments whose send never started (the drain stopped first), so
+        that a payment never sent stays cancellable. Only an entry still exactly as claimed is touched."""
+        claimed = {e.key: e for e in entries}
+        if not claimed:
+            return
+        with self._lock:
+            ids = [doc.doc_id for doc in self._hot.all() if (e := claimed.get(doc["key"])) is not None
+                   and doc.get("attempts") == e.attempts and doc.get("last_attempt_at") == e.last_attempt_at]
+            if not ids:
+                return
+
+            def unbump(doc: dict[str, Any]) -> None:
+                doc["attempts"] = max(0, doc["attempts"] - 1)
+                # the previous attempt's time is not kept; 0 only means "never" when attempts is back to 0
+                if doc["attempts"] == 0:
+                    doc["last_attempt_at"] = 0.0
+
+            self._hot.update(unbump, doc_ids=ids)
 
     def defer(self, key: str, error: str, next_attempt_at: float) -> OutboxEntry | None:
         return self._update(key, last_error=error, next_attempt_at=next_attempt_at)
 
     def finish(self, key: str, status: str, message: str = "", transaction_id: str = "") -> OutboxEntry | None:
         """Move a pending payment to the finished file with its final status. None if it was not pending."""
-        assert status in FINAL_STATUSES, status
+        done = self.finish_many([(key, status, message, transaction_id)])
+        return done[0] if done else None
+
+    def finish_many(self, outcomes: Sequence[tuple[str, str, str, str]]) -> list[OutboxEntry]:
+        """Move pending payments to the finished file, each (key, status, message, transaction_id), in one
+        write per file. Returns the entries moved, in the order given; a key no longer pending is skipped."""
+        for _, status, _, _ in outcomes:
+            assert status in FINAL_STATUSES, status
+        if not outcomes:
+            return []
+        now = self.clock()
         with self._lock:
-            doc = self._hot.get(Query().key == key)
-            if doc is None:
-                return None
-            entry = OutboxEntry.from_doc(doc)
-            entry.status, entry.message, entry.transaction_id = status, message, transaction_id
-            entry.finished_at = self.clock()
-            self._done.insert(asdict(entry))          # 1: the final record is durable …
-            self._hot.remove(doc_ids=[doc.doc_id])    # 2: … before the pending one goes
+            docs = {doc["key"]: doc for doc in self._hot.all()}
+            moved: list[OutboxEntry] = []
+            ids: list[int] = []
+            for key, status, message, transaction_id in outcomes:
+                doc = docs.pop(key, None)
+                if doc is None:
+                    continue
+                entry = OutboxEntry.from_doc(doc)
+                entry.status, entry.message, entry.transaction_id = status, message, transaction_id
+                entry.finished_at = now
+                moved.append(entry)
+                ids.append(doc.doc_id)
+            if not moved:
+                return []
+            self._done.insert_multiple([asdict(e) for e in moved])   # 1: the final records are durable …
+            self._hot.remove(doc_ids=ids)                              # 2: … before the pending ones go
             self._trim_finished()
-            return entry
+            return moved
 
     def cancel(self, key: str) -> OutboxEntry:
         with self._lock:
@@ -167,6 +227,8 @@ class Outbox:
             return finished
 
     def _trim_finished(self) -> None:
+        if len(self._done) <= FINISHED_KEPT + FINISHED_SLACK:
+            return
         docs = self._done.all()
         if len(docs) > FINISHED_KEPT:
             docs.sort(key=lambda d: d.get("finished_at", 0.0))

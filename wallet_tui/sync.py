@@ -25,6 +25,11 @@ CONNECTIVITY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_
                           grpc.StatusCode.CANCELLED})
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
+# A drain marks this many of the oldest queued payments "may have been sent" in one outbox write, sends them one
+# by one, then records their final outcomes in one write. A crash mid-batch costs only the ability to cancel
+# the batch's unsent payments, and a resend (same key, replayed by the gateway) of those whose outcome was not
+# yet written. Larger batches mean fewer whole-file rewrites per payment, but more payments at stake.
+DRAIN_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,14 @@ class SyncEngine:
         self.login_required = False
         self._state = threading.Lock()
         self._drain_lock = threading.Lock()
-        self._in_flight: set[str] = set()
+        self._in_flight: set[str] = set()   # being sent right now (at most one by a drain)
+        self._reserved: set[str] = set()    # claimed by a drain's current batch, waiting for their turn
 
     @property
     def in_flight(self) -> frozenset[str]:
+        """Payments being sent: the one whose request is out, and the rest of the drain's current batch."""
         with self._state:
-            return frozenset(self._in_flight)
+            return frozenset(self._in_flight | self._reserved)
 
     def set_online(self, online: bool, reason: str = "") -> list[Event]:
         with self._state:
@@ -116,24 +123,29 @@ class SyncEngine:
     def send(self, key: str, *, queued: bool = False) -> list[Event]:
         """Send one pending payment (with its stored key) and record what came of it."""
         with self._state:
-            if key in self._in_flight:
+            if key in self._in_flight or key in self._reserved:
                 return []              # someone else is sending it right now
             self._in_flight.add(key)
         try:
             entry = self.outbox.record_attempt(key)   # durable before the request leaves
             if entry is None:
                 return []
-            try:
-                result: PaymentReply | GatewayError = self.gateway.pay(
-                    self.token(), entry.key, entry.from_account, entry.to_account, entry.amount_paise)
-            except GatewayError as exc:
-                result = exc
-            return self._record(entry, classify(result), queued,
-                                isinstance(result, PaymentReply) and result.replayed,
-                                result.transaction_id if isinstance(result, PaymentReply) else "")
+            outcome, replayed, transaction_id = self._pay(entry)
+            return self._record(entry, outcome, queued, replayed, transaction_id)
         finally:
             with self._state:
                 self._in_flight.discard(key)
+
+    def _pay(self, entry: OutboxEntry) -> tuple[Classified, bool, str]:
+        """One request with the entry's stored key: (outcome, replayed, transaction id). Records nothing."""
+        try:
+            result: PaymentReply | GatewayError = self.gateway.pay(
+                self.token(), entry.key, entry.from_account, entry.to_account, entry.amount_paise)
+        except GatewayError as exc:
+            result = exc
+        if isinstance(result, PaymentReply):
+            return classify(result), result.replayed, result.transaction_id
+        return classify(result), False, ""
 
     def _record(self, entry: OutboxEntry, outcome: Classified, queued: bool, replayed: bool,
                 transaction_id: str) -> list[Event]:
@@ -141,6 +153,10 @@ class SyncEngine:
             self.set_online(True)
             done = self.outbox.finish(entry.key, outcome.status, outcome.message, transaction_id)
             return [Finished(done, queued, replayed)] if done else []
+        return self._defer(entry, outcome)
+
+    def _defer(self, entry: OutboxEntry, outcome: Classified) -> list[Event]:
+        """No final outcome: the payment stays pending, to be resent later with the same key."""
         events: list[Event] = []
         if outcome.kind == "login":
             with self._state:
@@ -159,37 +175,79 @@ class SyncEngine:
 
     # ---- the queue -----------------------------------------------------------------------------------------
     def expire(self) -> list[Event]:
-        """Pending payments older than max_age are not sent any more; each becomes `expired`."""
-        events: list[Event] = []
+        """Pending payments older than max_age are not sent any more; each becomes `expired` (one write)."""
         cutoff = self.clock() - self.max_age
+        busy = self.in_flight
+        expiring: list[tuple[str, str, str, str]] = []
         for entry in self.outbox.pending():
             if entry.created_at > cutoff:
                 break  # oldest first: the rest are younger
-            if entry.key in self.in_flight:
+            if entry.key in busy:
                 continue
             note = ("it may have reached the gateway before expiring; check the history" if entry.maybe_sent
                     else "it was never sent")
-            done = self.outbox.finish(entry.key, "expired", f"older than the maximum age; {note}")
-            if done:
-                events.append(Finished(done, queued=True))
-        return events
+            expiring.append((entry.key, "expired", f"older than the maximum age; {note}", ""))
+        return [Finished(done, queued=True) for done in self.outbox.finish_many(expiring)]
 
     def drain(self, *, force: bool = False) -> DrainReport:
-        """Send the queue oldest first. `force` ignores backoff (the gateway just came back). Only one drain
-        runs at a time; a final outcome never stops it, losing the gateway or the session does."""
+        """Send the queue oldest first, one payment at a time, in batches of DRAIN_BATCH (see there). `force`
+        ignores backoff (the gateway just came back). Only one drain runs at a time; a final outcome never
+        stops it, losing the gateway or the session does."""
         if not self._drain_lock.acquire(blocking=False):
             return DrainReport(skipped=True)
         report = DrainReport()
         try:
             report.events += self.expire()
-            for entry in self.outbox.pending():
-                if not self.online or self.login_required:
+            now = self.clock()
+            due = [e for e in self.outbox.pending() if force or e.next_attempt_at <= now]
+            for start in range(0, len(due), DRAIN_BATCH):
+                if not self._may_send():
                     break
-                if not force and entry.next_attempt_at > self.clock():
-                    continue
-                events = self.send(entry.key, queued=True)
-                report.events += events
-                report.sent += sum(1 for e in events if isinstance(e, Finished))
+                self._drain_batch(due[start:start + DRAIN_BATCH], report)
         finally:
             self._drain_lock.release()
         return report
+
+    def _may_send(self) -> bool:
+        return self.online and not self.login_required
+
+    def _drain_batch(self, batch: list[OutboxEntry], report: DrainReport) -> None:
+        """Claim → send each → record the finals. The claim is one write that makes every payment of the batch
+        uncancellable before the first of them leaves; the finals are one write after the last, and the user
+        is told of them only once they are durable. If the wallet dies before that write, those payments are
+        still pending with attempts > 0 and the next drain resends them with the same keys: the gateway
+        replays the stored outcomes, nothing is paid twice, and the user is told then."""
+        with self._state:
+            keys = [e.key for e in batch if e.key not in self._in_flight and e.key not in self._reserved]
+            self._reserved.update(keys)
+        finals: list[tuple[str, str, str, str]] = []
+        replayed: dict[str, bool] = {}
+        try:
+            claimed = self.outbox.record_attempts(keys)
+            for i, entry in enumerate(claimed):
+                if not self._may_send():
+                    # never sent: give back their cancellability (an exception mid-send keeps it taken)
+                    self.outbox.release_attempts(claimed[i:])
+                    break
+                with self._state:
+                    self._reserved.discard(entry.key)
+                    self._in_flight.add(entry.key)
+                try:
+                    outcome, was_replayed, transaction_id = self._pay(entry)
+                finally:
+                    with self._state:
+                        self._in_flight.discard(entry.key)
+                if outcome.kind == "final":
+                    self.set_online(True)
+                    finals.append((entry.key, outcome.status, outcome.message, transaction_id))
+                    replayed[entry.key] = was_replayed
+                else:
+                    report.events += self._defer(entry, outcome)
+        finally:
+            try:
+                done = self.outbox.finish_many(finals)
+            finally:
+                with self._state:
+                    self._reserved.difference_update(keys)
+        report.events += [Finished(entry, queued=True, replayed=replayed[entry.key]) for entry in done]
+        report.sent += len(done)
