@@ -110,9 +110,9 @@ class Coordinator:
             raise
         if delivered:
             crash_point("after_deliver")
-            # Not awaited: nothing remote follows, and if it is lost the completer re-sends the decision
-            # (idempotent at the banks) and finishes it then.
-            done = self.db.submit(self.store.finish_in, payment)
+            # Not awaited, and lazily batched: nothing remote follows, and if it is lost the completer re-sends
+            # the decision (idempotent at the banks) and finishes it then.
+            done = self.db.submit_lazy(self.store.finish_in, payment)
         else:
             done = self.db.submit(self.store.release_in, payment)
         done.add_done_callback(lambda _: self._delivering.discard(payment.id))

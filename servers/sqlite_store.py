@@ -84,6 +84,7 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._pending: list[tuple[Callable[..., Any], tuple, asyncio.Future]] = []
         self._scheduled = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
 
     def submit(self, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
         loop = asyncio.get_running_loop()
@@ -97,12 +98,28 @@ class GroupCommitter:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.submit(fn, *args)
 
+    def submit_lazy(self, fn: Callable[..., T], *args: Any, within: float = 0.02) -> "asyncio.Future[T]":
+        """Queue a write nobody waits for before a remote call (e.g. marking a payment finished): it rides
+        along with the next batch, or is flushed on its own after `within` seconds. Keeps its fsync off the
+        path of the reply being sent right now."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append((fn, args, future))
+        if not self._scheduled and self._lazy_timer is None:
+            self._lazy_timer = loop.call_later(within, self._flush)
+        return future
+
     def close(self) -> None:
         while self._pending:
             self._flush()
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        if not self._pending:
+            return
         batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
         if self._pending:
             self._scheduled = True
