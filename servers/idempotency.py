@@ -208,9 +208,10 @@ class PaymentStore:
         """Record the decision and the response the client will get, durably, before telling any bank."""
         now = time.time()
         cur = db.execute("UPDATE idempotency_keys SET recovery_point = ?, response = ?, finished_at = ?,"
-                         " last_run_at = ? WHERE payment_id = ? AND locked_by = ? AND recovery_point = 'started'",
+                         " last_run_at = ? WHERE username = ? AND idem_key = ? AND locked_by = ?"
+                         " AND recovery_point = 'started'",
                          (Point.COMMIT_DECIDED.value if commit else Point.ABORT_DECIDED.value, response, now,
-                          now, payment.id, self.owner.id))
+                          now, payment.username, payment.idem_key, self.owner.id))
         if cur.rowcount != 1:
             raise LostOwnership(f"payment {payment.txn_id} is not an undecided payment of this process")
         db.execute("UPDATE payments SET status = ?, message = ?, finished_at = ? WHERE id = ?",
@@ -219,13 +220,14 @@ class PaymentStore:
     def finish_in(self, db: sqlite3.Connection, payment: Payment) -> None:
         """Every bank acknowledged the decision: nothing is left to do for this payment."""
         db.execute("UPDATE idempotency_keys SET recovery_point = 'finished', locked_by = NULL, last_run_at = ?"
-                   " WHERE payment_id = ? AND locked_by = ? AND recovery_point IN ('commit_decided', 'abort_decided')",
-                   (time.time(), payment.id, self.owner.id))
+                   " WHERE username = ? AND idem_key = ? AND locked_by = ?"
+                   " AND recovery_point IN ('commit_decided', 'abort_decided')",
+                   (time.time(), payment.username, payment.idem_key, self.owner.id))
 
     def release_in(self, db: sqlite3.Connection, payment: Payment) -> None:
         """Let go of a payment this process cannot push further now; any gateway's completer picks it up."""
-        db.execute("UPDATE idempotency_keys SET locked_by = NULL WHERE payment_id = ? AND locked_by = ?",
-                   (payment.id, self.owner.id))
+        db.execute("UPDATE idempotency_keys SET locked_by = NULL WHERE username = ? AND idem_key = ? AND locked_by = ?",
+                   (payment.username, payment.idem_key, self.owner.id))
 
     def take_over_abandoned_in(self, db: sqlite3.Connection, limit: int = 100) -> tuple[list[Payment], set[str]]:
         """Lock unfinished payments whose owner is dead or gone. Returns them and the dead owners' ids."""
@@ -237,8 +239,8 @@ class PaymentStore:
             locked_by = row[10]
             if self.owner.is_alive(locked_by):
                 continue
-            db.execute("UPDATE idempotency_keys SET locked_by = ?, last_run_at = ? WHERE payment_id = ?"
-                       " AND locked_by IS ?", (self.owner.id, time.time(), row[0], locked_by))
+            db.execute("UPDATE idempotency_keys SET locked_by = ?, last_run_at = ? WHERE username = ? AND idem_key = ?"
+                       " AND locked_by IS ?", (self.owner.id, time.time(), row[2], row[3], locked_by))
             taken.append(_payment(row))
             if locked_by:
                 dead.add(locked_by)
