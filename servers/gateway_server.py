@@ -22,7 +22,7 @@ from servers.coordinator import STATUS_ENUM, Banks, Coordinator
 from servers.idempotency import ClaimKind, Payment, PaymentStore, fingerprint
 from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, current_user, note
 from servers.liveness import Owner
-from servers.money import MAX_PAYMENT_PAISE, MoneyError, bank_of, paise_to_rupees, rupees_to_paise
+from servers.money import MoneyError, bank_of, paise_to_rupees, rupees_to_paise
 from servers.sessions import Sessions
 from servers.sqlite_store import GroupCommitter, SQLiteStore
 

@@ -7,7 +7,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, NoReturn, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -116,6 +116,6 @@ def configure_logging(name: str) -> None:
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
 
 
-def exit_on_startup_error(name: str, exc: Exception) -> "NoReturn":  # type: ignore[name-defined]
+def exit_on_startup_error(name: str, exc: Exception) -> NoReturn:
     print(f"{name}: cannot start: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)

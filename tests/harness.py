@@ -260,6 +260,8 @@ class Cluster:
 
 
 OPENING_TOTAL = sum(int(round(v * 100)) for accounts in OPENING.values() for v in accounts.values())
+# Every account → (balance, held) in paise, as Cluster.accounts() reports a cluster nobody has paid through.
+OPENING_ACCOUNTS = {a: (int(round(v * 100)), 0) for accounts in OPENING.values() for a, v in accounts.items()}
 
 
 def certs_module_client_credentials(certs_dir: Path, name: str | None) -> grpc.ChannelCredentials:

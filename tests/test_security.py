@@ -14,9 +14,8 @@ import pytest
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from servers import certs as certs_module
-from tests.harness import OPENING, OPENING_TOTAL, PASSWORDS, Client, Cluster, wait_until, write_config
+from tests.harness import OPENING_ACCOUNTS, OPENING_TOTAL, PASSWORDS, Client, Cluster, wait_until, write_config
 
-OPENING_ACCOUNTS = {a: (int(round(v * 100)), 0) for accounts in OPENING.values() for a, v in accounts.items()}
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 

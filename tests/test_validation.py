@@ -14,9 +14,8 @@ import pytest
 
 from protofiles import payment_pb2 as pb
 from servers.money import MAX_PAYMENT_PAISE, MoneyError, rupees_to_paise
-from tests.harness import OPENING, OPENING_TOTAL, Client, Cluster
+from tests.harness import OPENING_ACCOUNTS, OPENING_TOTAL, Client, Cluster
 
-OPENING_ACCOUNTS = {a: (int(round(v * 100)), 0) for accounts in OPENING.values() for a, v in accounts.items()}
 MAX_RUPEES = MAX_PAYMENT_PAISE / 100  # ₹1,00,00,000
 
 
