@@ -5,7 +5,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.harness import Cluster, make_certs
+from tests.harness import Client, Cluster, make_certs
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,17 @@ def make_cluster(tmp_path: Path, certs_dir: Path) -> Iterator[Callable[..., Clus
 @pytest.fixture
 def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
     return make_cluster()
+
+
+@pytest.fixture(scope="module")
+def untouched(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> Iterator[Cluster]:
+    """One cluster per test module for calls that must all be refused: nothing sent to it may move money."""
+    cluster = Cluster(root=tmp_path_factory.mktemp("untouched"), certs_dir=certs_dir).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def alice(untouched: Cluster) -> Client:
+    """alice, logged in to the module's `untouched` cluster."""
+    return untouched.client("alice")

@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import grpc
 import pytest
@@ -21,19 +21,6 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 def key() -> str:
     return f"security-{uuid.uuid4()}"
-
-
-@pytest.fixture(scope="module")
-def untouched(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> Iterator[Cluster]:
-    """One cluster for the module's refusal tests: nothing sent to it may succeed in moving money."""
-    cluster = Cluster(root=tmp_path_factory.mktemp("security"), certs_dir=certs_dir).start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def alice(untouched: Cluster) -> Client:
-    return untouched.client("alice")
 
 
 def assert_nothing_changed(cluster: Cluster) -> None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import grpc
 import pytest
@@ -21,19 +20,6 @@ MAX_RUPEES = MAX_PAYMENT_PAISE / 100  # ₹1,00,00,000
 
 def key() -> str:
     return f"validation-{uuid.uuid4()}"
-
-
-@pytest.fixture(scope="module")
-def untouched(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> Iterator[Cluster]:
-    """One cluster for the whole module: every call made against it must be refused, so it stays pristine."""
-    cluster = Cluster(root=tmp_path_factory.mktemp("validation"), certs_dir=certs_dir).start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def alice(untouched: Cluster) -> Client:
-    return untouched.client("alice")
 
 
 def assert_nothing_changed(cluster: Cluster) -> None:
