@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,6 +322,32 @@ class Client:
     def history(self, limit: int = 0) -> list[pb.PaymentRecord]:
         return list(self.stub.ListPayments(pb.ListPaymentsRequest(limit=limit), metadata=self.md(),
                                            timeout=10).payments)
+
+
+def send_duplicates(clients: list["Client"], key: str, from_account: str, to_account: str, amount: float,
+                    count: int = 20) -> tuple[list[pb.PaymentResponse], list[object]]:
+    """`count` identical requests released at once (round-robin over `clients`): (responses, error codes)."""
+    start = threading.Barrier(count)
+    results: list[object] = []
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        start.wait()
+        try:
+            outcome: object = clients[i % len(clients)].pay(key, from_account, to_account, amount)
+        except grpc.RpcError as exc:
+            outcome = exc.code()
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == count
+    responses = [r for r in results if isinstance(r, pb.PaymentResponse)]
+    return responses, [r for r in results if not isinstance(r, pb.PaymentResponse)]
 
 
 def make_certs(directory: Path) -> Path:

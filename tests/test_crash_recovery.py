@@ -20,7 +20,7 @@ import pytest
 
 from protofiles import payment_pb2 as pb
 from servers.faults import POINTS
-from tests.harness import OPENING, OPENING_TOTAL, Client, Cluster, Proc, free_port, wait_until
+from tests.harness import OPENING, OPENING_TOTAL, Client, Cluster, Proc, free_port, send_duplicates, wait_until
 from tests.tcpproxy import TcpProxy
 
 MakeCluster = Callable[..., Cluster]
@@ -115,6 +115,17 @@ def wait_settled(cluster: Cluster, timeout: float = 15) -> None:
 def assert_conserved(cluster: Cluster) -> None:
     assert cluster.total() == OPENING_TOTAL
     assert cluster.holds() == 0
+
+
+def assert_settled_once(cluster: Cluster, k: str, txn: str, moved: bool, paise: int) -> None:
+    """alice's SBI-1001 → HDFC-2001 payment under key `k` ended as one transaction, at both banks alike, and
+    moved its amount exactly once (or not at all)."""
+    for bank in OPENING:
+        assert cluster.txn_states(bank)[txn] == ("committed" if moved else "aborted")
+    assert payments_with_key(cluster, "alice", k) == [(txn, "succeeded" if moved else "failed")]
+    assert cluster.balance("SBI-1001") == 500_000 - (paise if moved else 0)
+    assert cluster.balance("HDFC-2001") == 300_000 + (paise if moved else 0)
+    assert_conserved(cluster)
 
 
 # ---- a lost reply, a restart ---------------------------------------------------------------------------------
@@ -214,12 +225,7 @@ def test_gateway_crash_at_recovery_point_settles_exactly_once(make_cluster: Make
     moved = MOVES_MONEY[point]
     assert final.transaction_id == txn
     assert final.status == (SUCCEEDED if moved else FAILED) and final.success is moved
-    for bank in OPENING:
-        assert cluster.txn_states(bank)[txn] == ("committed" if moved else "aborted")
-    assert payments_with_key(cluster, "alice", k) == [(txn, "succeeded" if moved else "failed")]
-    assert cluster.balance("SBI-1001") == 500_000 - (10_000 if moved else 0)
-    assert cluster.balance("HDFC-2001") == 300_000 + (10_000 if moved else 0)
-    assert_conserved(cluster)
+    assert_settled_once(cluster, k, txn, moved, 10_000)
 
     # From now on the key only ever replays that one outcome.
     replay = alice.pay(k, "SBI-1001", "HDFC-2001", 100)
@@ -350,27 +356,7 @@ def test_duplicates_split_across_two_gateways_debit_exactly_once(cluster: Cluste
     port2 = start_extra_gateway(cluster, "gateway2")
     gateways = [cluster.client("alice"), cluster.client("alice", address=f"localhost:{port2}")]
     k = key()
-    start = threading.Barrier(20)
-    results: list[object] = []
-    lock = threading.Lock()
-
-    def send(i: int) -> None:
-        start.wait()
-        try:
-            outcome: object = gateways[i % 2].pay(k, "SBI-1001", "HDFC-2001", 42)
-        except grpc.RpcError as exc:
-            outcome = exc.code()
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert len(results) == 20
-    successes = [r for r in results if isinstance(r, pb.PaymentResponse)]
-    others = [r for r in results if not isinstance(r, pb.PaymentResponse)]
+    successes, others = send_duplicates(gateways, k, "SBI-1001", "HDFC-2001", 42)
     assert successes and all(r == grpc.StatusCode.ABORTED for r in others), others
     assert len({r.transaction_id for r in successes}) == 1 and all(r.success for r in successes)
     assert sum(not r.replayed for r in successes) <= 1
@@ -403,12 +389,7 @@ def test_payment_of_dead_gateway_is_taken_over_by_retry_through_live_gateway(mak
         assert moved  # a decided commit is never turned into an abort
     else:
         assert final.status in (SUCCEEDED, FAILED)
-    for bank in OPENING:
-        assert cluster.txn_states(bank)[txn] == ("committed" if moved else "aborted")
-    assert payments_with_key(cluster, "alice", k) == [(txn, "succeeded" if moved else "failed")]
-    assert cluster.balance("SBI-1001") == 500_000 - (6_000 if moved else 0)
-    assert cluster.balance("HDFC-2001") == 300_000 + (6_000 if moved else 0)
-    assert_conserved(cluster)
+    assert_settled_once(cluster, k, txn, moved, 6_000)
     replay = alice_live.pay(k, "SBI-1001", "HDFC-2001", 60)
     assert replay.replayed and replay.transaction_id == txn and replay.status == final.status
 

@@ -1,14 +1,13 @@
 """Idempotent payments (CONTRACT §5), against real banks and a real gateway over TLS."""
 from __future__ import annotations
 
-import threading
 import uuid
 
 import grpc
 import pytest
 
 from protofiles import payment_pb2 as pb
-from tests.harness import OPENING_TOTAL, Cluster
+from tests.harness import OPENING_TOTAL, Cluster, send_duplicates
 
 
 def key() -> str:
@@ -126,27 +125,7 @@ def test_keys_are_scoped_per_user(cluster: Cluster) -> None:
 def test_twenty_concurrent_duplicates_debit_exactly_once(cluster: Cluster) -> None:
     alice = cluster.client("alice")
     k = key()
-    start = threading.Barrier(20)
-    results: list[object] = []
-    lock = threading.Lock()
-
-    def send() -> None:
-        start.wait()
-        try:
-            outcome: object = alice.pay(k, "SBI-1001", "HDFC-2001", 42)
-        except grpc.RpcError as exc:
-            outcome = exc.code()
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=send) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert len(results) == 20
-    successes = [r for r in results if isinstance(r, pb.PaymentResponse)]
-    others = [r for r in results if not isinstance(r, pb.PaymentResponse)]
+    successes, others = send_duplicates([alice], k, "SBI-1001", "HDFC-2001", 42)
     assert successes, "at least the executing request answers"
     assert all(r == grpc.StatusCode.ABORTED for r in others), others
     assert len({r.transaction_id for r in successes}) == 1
