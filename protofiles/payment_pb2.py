@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protofiles/payment.proto\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"I\n\rLoginResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0f\x65xpires_at_unix\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63ounts\x18\x03 \x03(\t\"b\n\x0ePaymentRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x02 \x01(\t\x12\x12\n\nto_account\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x01\"\xe6\x01\n\x0fPaymentResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x1e\n\x06status\x18\x03 \x01(\x0e\x32\x0e.PaymentStatus\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x07 \x01(\t\x12\x12\n\nto_account\x18\x08 \x01(\t\x12\x0e\n\x06\x61mount\x18\t \x01(\x01\x12\x14\n\x0c\x61mount_paise\x18\n \x01(\x03\"b\n\x0ePrepareRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x02 \x01(\t\x12\x12\n\nto_account\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x01\"$\n\x04Vote\x12\x0c\n\x04vote\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\rCommitRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"&\n\x0c\x41\x62ortRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"\'\n\x03\x41\x63k\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x87\x01\n\x0b\x42\x61nkMessage\x12\n\n\x02id\x18\x01 \x01(\x04\x12\"\n\x07prepare\x18\x02 \x01(\x0b\x32\x0f.PrepareRequestH\x00\x12 \n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x0e.CommitRequestH\x00\x12\x1e\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\r.AbortRequestH\x00\x42\x06\n\x04\x62ody\"n\n\tBankReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x15\n\x04vote\x18\x02 \x01(\x0b\x32\x05.VoteH\x00\x12\x13\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x04.AckH\x00\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\tB\x06\n\x04\x62ody\")\n\x15GatewayBalanceRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\xa1\x01\n\x0e\x41\x63\x63ountBalance\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0f\n\x07\x62\x61lance\x18\x03 \x01(\x01\x12\x19\n\x11\x61vailable_balance\x18\x04 \x01(\x01\x12\x15\n\rbalance_paise\x18\x05 \x01(\x03\x12\x17\n\x0f\x61vailable_paise\x18\x06 \x01(\x03\x12\x0f\n\x07message\x18\x07 \x01(\t\"\xa4\x01\n\x16GatewayBalanceResponse\x12\x37\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32%.GatewayBalanceResponse.AccountsEntry\x12 \n\x07\x64\x65tails\x18\x02 \x03(\x0b\x32\x0f.AccountBalance\x1a/\n\rAccountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\",\n\x12\x42\x61nkBalanceRequest\x12\x16\n\x0e\x61\x63\x63ount_number\x18\x01 \x01(\t\"i\n\x13\x42\x61nkBalanceResponse\x12\x0f\n\x07\x62\x61lance\x18\x01 \x01(\x01\x12\x11\n\tavailable\x18\x02 \x01(\x01\x12\x15\n\rbalance_paise\x18\x03 \x01(\x03\x12\x17\n\x0f\x61vailable_paise\x18\x04 \x01(\x03\"$\n\x13ListPaymentsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\x82\x02\n\rPaymentRecord\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x02 \x01(\t\x12\x12\n\nto_account\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x01\x12\x14\n\x0c\x61mount_paise\x18\x05 \x01(\x03\x12\x1e\n\x06status\x18\x06 \x01(\x0e\x32\x0e.PaymentStatus\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x10\n\x08outgoing\x18\x08 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x15\n\rcreated_at_ms\x18\n \x01(\x03\x12\x16\n\x0e\x66inished_at_ms\x18\x0b \x01(\x03\"8\n\x14ListPaymentsResponse\x12 \n\x08payments\x18\x01 \x03(\x0b\x32\x0e.PaymentRecord*\xa4\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18PAYMENT_STATUS_SUCCEEDED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_DECLINED\x10\x02\x12\x19\n\x15PAYMENT_STATUS_FAILED\x10\x03\x12\x1d\n\x19PAYMENT_STATUS_PROCESSING\x10\x04\x32\xe9\x01\n\x0ePaymentGateway\x12&\n\x05Login\x12\r.LoginRequest\x1a\x0e.LoginResponse\x12\x33\n\x0eProcessPayment\x12\x0f.PaymentRequest\x1a\x10.PaymentResponse\x12=\n\nGetBalance\x12\x16.GatewayBalanceRequest\x1a\x17.GatewayBalanceResponse\x12;\n\x0cListPayments\x12\x14.ListPaymentsRequest\x1a\x15.ListPaymentsResponse2\xca\x01\n\x04\x42\x61nk\x12!\n\x07Prepare\x12\x0f.PrepareRequest\x1a\x05.Vote\x12\x1e\n\x06\x43ommit\x12\x0e.CommitRequest\x1a\x04.Ack\x12\x1c\n\x05\x41\x62ort\x12\r.AbortRequest\x1a\x04.Ack\x12\x37\n\nGetBalance\x12\x13.BankBalanceRequest\x1a\x14.BankBalanceResponse\x12(\n\x08\x45xchange\x12\x0c.BankMessage\x1a\n.BankReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protofiles/payment.proto\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"I\n\rLoginResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0f\x65xpires_at_unix\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63ounts\x18\x03 \x03(\t\"b\n\x0ePaymentRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x02 \x01(\t\x12\x12\n\nto_account\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x01\"\xe6\x01\n\x0fPaymentResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x1e\n\x06status\x18\x03 \x01(\x0e\x32\x0e.PaymentStatus\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x07 \x01(\t\x12\x12\n\nto_account\x18\x08 \x01(\t\x12\x0e\n\x06\x61mount\x18\t \x01(\x01\x12\x14\n\x0c\x61mount_paise\x18\n \x01(\x03\"b\n\x0ePrepareRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x02 \x01(\t\x12\x12\n\nto_account\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x01\"$\n\x04Vote\x12\x0c\n\x04vote\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\rCommitRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"&\n\x0c\x41\x62ortRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"\'\n\x03\x41\x63k\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x87\x01\n\x0b\x42\x61nkMessage\x12\n\n\x02id\x18\x01 \x01(\x04\x12\"\n\x07prepare\x18\x02 \x01(\x0b\x32\x0f.PrepareRequestH\x00\x12 \n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x0e.CommitRequestH\x00\x12\x1e\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\r.AbortRequestH\x00\x42\x06\n\x04\x62ody\"n\n\tBankReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x15\n\x04vote\x18\x02 \x01(\x0b\x32\x05.VoteH\x00\x12\x13\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x04.AckH\x00\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\tB\x06\n\x04\x62ody\"+\n\tBankBatch\x12\x1e\n\x08messages\x18\x01 \x03(\x0b\x32\x0c.BankMessage\"-\n\x0e\x42\x61nkReplyBatch\x12\x1b\n\x07replies\x18\x01 \x03(\x0b\x32\n.BankReply\")\n\x15GatewayBalanceRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\xa1\x01\n\x0e\x41\x63\x63ountBalance\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0f\n\x07\x62\x61lance\x18\x03 \x01(\x01\x12\x19\n\x11\x61vailable_balance\x18\x04 \x01(\x01\x12\x15\n\rbalance_paise\x18\x05 \x01(\x03\x12\x17\n\x0f\x61vailable_paise\x18\x06 \x01(\x03\x12\x0f\n\x07message\x18\x07 \x01(\t\"\xa4\x01\n\x16GatewayBalanceResponse\x12\x37\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32%.GatewayBalanceResponse.AccountsEntry\x12 \n\x07\x64\x65tails\x18\x02 \x03(\x0b\x32\x0f.AccountBalance\x1a/\n\rAccountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\",\n\x12\x42\x61nkBalanceRequest\x12\x16\n\x0e\x61\x63\x63ount_number\x18\x01 \x01(\t\"i\n\x13\x42\x61nkBalanceResponse\x12\x0f\n\x07\x62\x61lance\x18\x01 \x01(\x01\x12\x11\n\tavailable\x18\x02 \x01(\x01\x12\x15\n\rbalance_paise\x18\x03 \x01(\x03\x12\x17\n\x0f\x61vailable_paise\x18\x04 \x01(\x03\"$\n\x13ListPaymentsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\x82\x02\n\rPaymentRecord\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x02 \x01(\t\x12\x12\n\nto_account\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x01\x12\x14\n\x0c\x61mount_paise\x18\x05 \x01(\x03\x12\x1e\n\x06status\x18\x06 \x01(\x0e\x32\x0e.PaymentStatus\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x10\n\x08outgoing\x18\x08 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x15\n\rcreated_at_ms\x18\n \x01(\x03\x12\x16\n\x0e\x66inished_at_ms\x18\x0b \x01(\x03\"8\n\x14ListPaymentsResponse\x12 \n\x08payments\x18\x01 \x03(\x0b\x32\x0e.PaymentRecord*\xa4\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18PAYMENT_STATUS_SUCCEEDED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_DECLINED\x10\x02\x12\x19\n\x15PAYMENT_STATUS_FAILED\x10\x03\x12\x1d\n\x19PAYMENT_STATUS_PROCESSING\x10\x04\x32\xe9\x01\n\x0ePaymentGateway\x12&\n\x05Login\x12\r.LoginRequest\x1a\x0e.LoginResponse\x12\x33\n\x0eProcessPayment\x12\x0f.PaymentRequest\x1a\x10.PaymentResponse\x12=\n\nGetBalance\x12\x16.GatewayBalanceRequest\x1a\x17.GatewayBalanceResponse\x12;\n\x0cListPayments\x12\x14.ListPaymentsRequest\x1a\x15.ListPaymentsResponse2\xfe\x01\n\x04\x42\x61nk\x12!\n\x07Prepare\x12\x0f.PrepareRequest\x1a\x05.Vote\x12\x1e\n\x06\x43ommit\x12\x0e.CommitRequest\x1a\x04.Ack\x12\x1c\n\x05\x41\x62ort\x12\r.AbortRequest\x1a\x04.Ack\x12\x37\n\nGetBalance\x12\x13.BankBalanceRequest\x1a\x14.BankBalanceResponse\x12(\n\x08\x45xchange\x12\x0c.BankMessage\x1a\n.BankReply(\x01\x30\x01\x12\x32\n\x0f\x45xchangeBatches\x12\n.BankBatch\x1a\x0f.BankReplyBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GATEWAYBALANCERESPONSE_ACCOUNTSENTRY']._loaded_options = None
   _globals['_GATEWAYBALANCERESPONSE_ACCOUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_PAYMENTSTATUS']._serialized_start=1883
-  _globals['_PAYMENTSTATUS']._serialized_end=2047
+  _globals['_PAYMENTSTATUS']._serialized_start=1975
+  _globals['_PAYMENTSTATUS']._serialized_end=2139
   _globals['_LOGINREQUEST']._serialized_start=28
   _globals['_LOGINREQUEST']._serialized_end=78
   _globals['_LOGINRESPONSE']._serialized_start=80
@@ -57,26 +57,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BANKMESSAGE']._serialized_end=884
   _globals['_BANKREPLY']._serialized_start=886
   _globals['_BANKREPLY']._serialized_end=996
-  _globals['_GATEWAYBALANCEREQUEST']._serialized_start=998
-  _globals['_GATEWAYBALANCEREQUEST']._serialized_end=1039
-  _globals['_ACCOUNTBALANCE']._serialized_start=1042
-  _globals['_ACCOUNTBALANCE']._serialized_end=1203
-  _globals['_GATEWAYBALANCERESPONSE']._serialized_start=1206
-  _globals['_GATEWAYBALANCERESPONSE']._serialized_end=1370
-  _globals['_GATEWAYBALANCERESPONSE_ACCOUNTSENTRY']._serialized_start=1323
-  _globals['_GATEWAYBALANCERESPONSE_ACCOUNTSENTRY']._serialized_end=1370
-  _globals['_BANKBALANCEREQUEST']._serialized_start=1372
-  _globals['_BANKBALANCEREQUEST']._serialized_end=1416
-  _globals['_BANKBALANCERESPONSE']._serialized_start=1418
-  _globals['_BANKBALANCERESPONSE']._serialized_end=1523
-  _globals['_LISTPAYMENTSREQUEST']._serialized_start=1525
-  _globals['_LISTPAYMENTSREQUEST']._serialized_end=1561
-  _globals['_PAYMENTRECORD']._serialized_start=1564
-  _globals['_PAYMENTRECORD']._serialized_end=1822
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=1824
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=1880
-  _globals['_PAYMENTGATEWAY']._serialized_start=2050
-  _globals['_PAYMENTGATEWAY']._serialized_end=2283
-  _globals['_BANK']._serialized_start=2286
-  _globals['_BANK']._serialized_end=2488
+  _globals['_BANKBATCH']._serialized_start=998
+  _globals['_BANKBATCH']._serialized_end=1041
+  _globals['_BANKREPLYBATCH']._serialized_start=1043
+  _globals['_BANKREPLYBATCH']._serialized_end=1088
+  _globals['_GATEWAYBALANCEREQUEST']._serialized_start=1090
+  _globals['_GATEWAYBALANCEREQUEST']._serialized_end=1131
+  _globals['_ACCOUNTBALANCE']._serialized_start=1134
+  _globals['_ACCOUNTBALANCE']._serialized_end=1295
+  _globals['_GATEWAYBALANCERESPONSE']._serialized_start=1298
+  _globals['_GATEWAYBALANCERESPONSE']._serialized_end=1462
+  _globals['_GATEWAYBALANCERESPONSE_ACCOUNTSENTRY']._serialized_start=1415
+  _globals['_GATEWAYBALANCERESPONSE_ACCOUNTSENTRY']._serialized_end=1462
+  _globals['_BANKBALANCEREQUEST']._serialized_start=1464
+  _globals['_BANKBALANCEREQUEST']._serialized_end=1508
+  _globals['_BANKBALANCERESPONSE']._serialized_start=1510
+  _globals['_BANKBALANCERESPONSE']._serialized_end=1615
+  _globals['_LISTPAYMENTSREQUEST']._serialized_start=1617
+  _globals['_LISTPAYMENTSREQUEST']._serialized_end=1653
+  _globals['_PAYMENTRECORD']._serialized_start=1656
+  _globals['_PAYMENTRECORD']._serialized_end=1914
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=1916
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=1972
+  _globals['_PAYMENTGATEWAY']._serialized_start=2142
+  _globals['_PAYMENTGATEWAY']._serialized_end=2375
+  _globals['_BANK']._serialized_start=2378
+  _globals['_BANK']._serialized_end=2632
 # @@protoc_insertion_point(module_scope)

@@ -264,6 +264,11 @@ class BankStub:
                 request_serializer=protofiles_dot_payment__pb2.BankMessage.SerializeToString,
                 response_deserializer=protofiles_dot_payment__pb2.BankReply.FromString,
                 _registered_method=True)
+        self.ExchangeBatches = channel.stream_stream(
+                '/Bank/ExchangeBatches',
+                request_serializer=protofiles_dot_payment__pb2.BankBatch.SerializeToString,
+                response_deserializer=protofiles_dot_payment__pb2.BankReplyBatch.FromString,
+                _registered_method=True)
 
 
 class BankServicer:
@@ -304,6 +309,14 @@ class BankServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExchangeBatches(self, request_iterator, context):
+        """Exchange in frames: every message the gateway has ready for this bank travels in one frame; the bank
+        applies a frame's operations in one transaction (one fsync) and answers them all in one frame.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BankServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -331,6 +344,11 @@ def add_BankServicer_to_server(servicer, server):
                     servicer.Exchange,
                     request_deserializer=protofiles_dot_payment__pb2.BankMessage.FromString,
                     response_serializer=protofiles_dot_payment__pb2.BankReply.SerializeToString,
+            ),
+            'ExchangeBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExchangeBatches,
+                    request_deserializer=protofiles_dot_payment__pb2.BankBatch.FromString,
+                    response_serializer=protofiles_dot_payment__pb2.BankReplyBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -468,6 +486,33 @@ class Bank:
             '/Bank/Exchange',
             protofiles_dot_payment__pb2.BankMessage.SerializeToString,
             protofiles_dot_payment__pb2.BankReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/Bank/ExchangeBatches',
+            protofiles_dot_payment__pb2.BankBatch.SerializeToString,
+            protofiles_dot_payment__pb2.BankReplyBatch.FromString,
             options,
             channel_credentials,
             insecure,

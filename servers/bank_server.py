@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 
@@ -77,25 +77,36 @@ def _prepare_args(request: payment_pb2.PrepareRequest) -> tuple[str, str, str, i
     return txn_id, request.from_account, request.to_account, amount
 
 
+def _error_reply(message_id: int, code: grpc.StatusCode, error: str) -> payment_pb2.BankReply:
+    return payment_pb2.BankReply(id=message_id, error_code=code.value[0], error=error)
+
+
 class BankServicer(payment_pb2_grpc.BankServicer):
     def __init__(self, ledger: Ledger, committer: GroupCommitter) -> None:
         self.ledger = ledger
         self.db = committer
         self._readers: set[asyncio.Task] = set()
+        self._idle: set[asyncio.Task] = set()  # ExchangeBatches handlers waiting for their next frame
+        self._stopping = False
 
     def stop_streams(self) -> None:
         """Shutting down: every Exchange stream stops taking messages, answers what it took, and ends."""
-        for reader in list(self._readers):
+        self._stopping = True
+        for reader in list(self._readers) + list(self._idle):
             reader.cancel()
 
     # ---- the three 2PC operations, shared by the unary methods and the stream ------------------------------
+    def _operation(self, kind: str, body: object) -> tuple[Callable[..., object], tuple]:
+        """The ledger operation for one validated message (raises Refused for a malformed one)."""
+        if kind == "prepare":
+            return self.ledger.prepare_in, _prepare_args(body)
+        txn_id = _check_txn_id(body.transaction_id)
+        return (self.ledger.commit_in if kind == "commit" else self.ledger.abort_in), (txn_id,)
+
     def _start(self, kind: str, body: object) -> "asyncio.Future":
         """Validate and queue one operation (synchronously, so operations reach the ledger in arrival order)."""
-        if kind == "prepare":
-            return self.db.submit(self.ledger.prepare_in, *_prepare_args(body))
-        txn_id = _check_txn_id(body.transaction_id)
-        operation = self.ledger.commit_in if kind == "commit" else self.ledger.abort_in
-        return self.db.submit(operation, txn_id)
+        operation, args = self._operation(kind, body)
+        return self.db.submit(operation, *args)
 
     @staticmethod
     def _to_message(kind: str, result: object) -> payment_pb2.Vote | payment_pb2.Ack:
@@ -192,6 +203,73 @@ class BankServicer(payment_pb2_grpc.BankServicer):
             reader.cancel()
         if refused:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused[0])
+
+    async def ExchangeBatches(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        """Frames of messages: each frame is applied in one transaction (one fsync), then answered in one
+        frame, then logged. Read, apply and answer happen in this one coroutine: no queue, no task per message."""
+        peer = context.peer()
+        me = asyncio.current_task()
+        while True:
+            self._idle.add(me)
+            try:
+                frame = await context.read()
+            except asyncio.CancelledError:
+                return  # the bank is stopping and this stream was between frames: end it cleanly
+            finally:
+                self._idle.discard(me)
+            if frame is grpc.aio.EOF:
+                return
+            if isinstance(frame, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the frame is not a valid BankBatch ({frame.error})")
+            started = time.perf_counter()
+            replies, lines = self._apply_frame(frame, started)
+            await context.write(payment_pb2.BankReplyBatch(replies=replies))
+            for kind, notes, code, message in lines:
+                log_call(f"/Bank/{kind.capitalize()}", peer, notes, code, message, started)
+            if self._stopping:
+                return
+
+    def _apply_frame(self, frame: payment_pb2.BankBatch, started: float
+                     ) -> tuple[list[payment_pb2.BankReply], list[tuple[str, dict, grpc.StatusCode, str]]]:
+        replies: list[payment_pb2.BankReply] = []
+        lines: list[tuple[str, dict, grpc.StatusCode, str]] = []
+        taken: list[tuple[payment_pb2.BankMessage, str, dict]] = []
+        operations: list[tuple[Callable[..., object], tuple]] = []
+        for message in frame.messages:
+            kind = message.WhichOneof("body")
+            if kind is None:
+                replies.append(_error_reply(message.id, grpc.StatusCode.INVALID_ARGUMENT, "empty message"))
+                continue
+            body = getattr(message, kind)
+            notes = {"txn": body.transaction_id[:80], "via": "stream"}
+            if kind == "prepare":
+                notes["amount"] = f"{body.amount:.2f}"
+            try:
+                operations.append(self._operation(kind, body))
+            except Refused as exc:
+                replies.append(_error_reply(message.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+                lines.append((kind, notes, grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+                continue
+            taken.append((message, kind, notes))
+        try:
+            outcomes = self.db.run_now(operations) if operations else []
+        except Exception as exc:  # noqa: BLE001 - the transaction failed: nothing in it happened; say so to each
+            outcomes = [(None, exc)] * len(operations)
+        for (message, kind, notes), (result, error) in zip(taken, outcomes):
+            if error is not None:
+                replies.append(_error_reply(message.id, grpc.StatusCode.INTERNAL, f"ledger error: {error}"))
+                lines.append((kind, notes, grpc.StatusCode.INTERNAL, str(error)))
+                continue
+            reply = payment_pb2.BankReply(id=message.id)
+            if kind == "prepare":
+                reply.vote.vote, reply.vote.reason = result.yes, result.reason
+                notes["vote"] = "yes" if result.yes else "no"
+            else:
+                reply.ack.success, reply.ack.message = result.ok, result.message
+            replies.append(reply)
+            lines.append((kind, notes, grpc.StatusCode.OK, getattr(result, "message", "")))
+        return replies, lines
 
     async def GetBalance(self, request: payment_pb2.BankBalanceRequest,
                          context: grpc.aio.ServicerContext) -> payment_pb2.BankBalanceResponse:

@@ -122,7 +122,7 @@ class Coordinator:
         request = payment_pb2.PrepareRequest(transaction_id=payment.txn_id, from_account=payment.from_account,
                                              to_account=payment.to_account, amount=paise_to_rupees(payment.amount))
         banks = self.participants(payment)
-        results = await asyncio.gather(*(self.banks.links[b].request("prepare", request, self.txn_timeout)
+        results = await asyncio.gather(*(self.banks.links[b].send("prepare", request, self.txn_timeout)
                                          for b in banks), return_exceptions=True)
         refusals: list[str] = []
         errors: list[str] = []
@@ -167,7 +167,7 @@ class Coordinator:
         body = (payment_pb2.CommitRequest if kind == "commit" else payment_pb2.AbortRequest)(
             transaction_id=payment.txn_id)
         order = sorted(banks)
-        results = await asyncio.gather(*(self.banks.links[b].request(kind, body, timeout) for b in order),
+        results = await asyncio.gather(*(self.banks.links[b].send(kind, body, timeout) for b in order),
                                        return_exceptions=True)
         acked: set[str] = set()
         for bank, result in zip(order, results):

@@ -9,6 +9,7 @@ Request bytes that are not a valid message are refused with INVALID_ARGUMENT by 
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -93,6 +94,23 @@ def _wrap_unary(handler: grpc.RpcMethodHandler | None, wrapper: Callable[[Behavi
                                                response_serializer=handler.response_serializer)
 
 
+class _Cached:
+    """Wrapped handlers are built once per method, not once per call: gRPC hands an interceptor the same
+    registered handler object for a method every time, so its wrapped version can be reused."""
+
+    def __init__(self) -> None:
+        self._by_method: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, method: str, handler: Any, build: Callable[[Any], Any]) -> Any:
+        hit = self._by_method.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = build(handler)
+        if handler is not None:
+            self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 def _details(context: grpc.aio.ServicerContext) -> str:
     details = context.details()
     if isinstance(details, bytes):
@@ -101,9 +119,15 @@ def _details(context: grpc.aio.ServicerContext) -> str:
 
 
 class LoggingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self._cache = _Cached()
+
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method
+        return self._cache.get(method, await continuation(handler_call_details), lambda h: self._wrap(method, h))
 
+    @staticmethod
+    def _wrap(method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         def wrapper(inner: Behavior) -> Behavior:
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 notes: dict[str, Any] = {}
@@ -123,7 +147,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                              _details(context), start)
             return behavior
 
-        return _wrap_unary(await continuation(handler_call_details), wrapper)
+        return _wrap_unary(handler, wrapper)
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -132,12 +156,15 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, resolve_token: Callable[[str], str | None], open_methods: set[str]) -> None:
         self._resolve = resolve_token
         self._open = open_methods
+        self._cache = _Cached()
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
         if handler_call_details.method in self._open:
             return handler
+        return self._cache.get(handler_call_details.method, handler, self._wrap)
 
+    def _wrap(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         def wrapper(inner: Behavior) -> Behavior:
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 header = ""
@@ -198,12 +225,20 @@ class PeerCertInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
             inner_stream = handler.stream_stream
 
-            async def stream_behavior(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def refuse_stranger(context: grpc.aio.ServicerContext) -> None:
                 refusal = peer_allowed(context, self._allowed)
                 if refusal:
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
-                async for reply in inner_stream(request_iterator, context):
-                    yield reply
+
+            if inspect.isasyncgenfunction(inner_stream):
+                async def stream_behavior(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                    await refuse_stranger(context)
+                    async for reply in inner_stream(request_iterator, context):
+                        yield reply
+            else:  # a reader/writer handler (context.read / context.write)
+                async def stream_behavior(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                    await refuse_stranger(context)
+                    return await inner_stream(request_iterator, context)
             return grpc.stream_stream_rpc_method_handler(stream_behavior,
                                                          request_deserializer=tolerant(handler.request_deserializer),
                                                          response_serializer=handler.response_serializer)

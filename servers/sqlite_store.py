@@ -113,6 +113,35 @@ class GroupCommitter:
         while self._pending:
             self._flush()
 
+    def run_now(self, operations: list[tuple[Callable[..., Any], tuple]]) -> list[tuple[Any, BaseException | None]]:
+        """Run `fn(db, *args)` for each operation in one transaction, now, on the caller's thread: one fsync
+        for all of them. Returns (result, error) per operation, as `submit` would resolve them (an operation
+        that raises is rolled back alone). If the transaction itself cannot commit, raises: nothing is durable."""
+        return self._execute(operations)
+
+    def _execute(self, operations: list[tuple[Callable[..., Any], tuple]]) -> list[tuple[Any, BaseException | None]]:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        db = self._store.connection()
+        with self._store._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for fn, args in operations:
+                    db.execute("SAVEPOINT op")
+                    try:
+                        result = fn(db, *args)
+                    except Exception as exc:  # noqa: BLE001 - handed to the operation's caller
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
+                        outcomes.append((None, exc))
+                    else:
+                        db.execute("RELEASE op")
+                        outcomes.append((result, None))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        return outcomes
+
     def _flush(self) -> None:
         self._scheduled = False
         if self._lazy_timer is not None:
@@ -124,35 +153,15 @@ class GroupCommitter:
         if self._pending:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        outcomes: list[tuple[asyncio.Future, Any, BaseException | None]] = []
-        db = self._store.connection()
+        live = [(fn, args, future) for fn, args, future in batch if not future.cancelled()]
         try:
-            with self._store._write_lock:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    for fn, args, future in batch:
-                        if future.cancelled():
-                            continue
-                        db.execute("SAVEPOINT op")
-                        try:
-                            result = fn(db, *args)
-                        except Exception as exc:  # noqa: BLE001 - handed to the operation's caller
-                            db.execute("ROLLBACK TO op")
-                            db.execute("RELEASE op")
-                            outcomes.append((future, None, exc))
-                        else:
-                            db.execute("RELEASE op")
-                            outcomes.append((future, result, None))
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
+            outcomes = self._execute([(fn, args) for fn, args, _ in live])
         except Exception as exc:  # noqa: BLE001 - the batch failed to commit: nobody's change is durable
-            for _, _, future in batch:
+            for _, _, future in live:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for future, result, error in outcomes:
+        for (_, _, future), (result, error) in zip(live, outcomes):
             if future.done():
                 continue
             if error is None:
