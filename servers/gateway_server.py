@@ -266,7 +266,7 @@ async def serve(settings: GatewaySettings) -> None:
     bank_addresses = load_banks(settings.config_dir)
     credentials = serving.server_credentials(settings.certs_dir, "gateway", require_client_auth=False)
     banks = Banks(bank_addresses, settings.certs_dir)
-    sqlite = SQLiteStore(settings.store_path, "")
+    sqlite = SQLiteStore(settings.store_path, "", preallocate=True)
     owner = Owner(settings.data_dir)
     store = PaymentStore(sqlite, owner)
     sessions = Sessions(sqlite, settings.token_ttl)

@@ -59,7 +59,7 @@ class Balance:
 class Ledger:
     def __init__(self, path: Path, bank: str, opening_balances: "callable[[], dict[str, int]]") -> None:  # type: ignore[valid-type]
         self.bank = bank
-        self._store = SQLiteStore(path, SCHEMA)
+        self._store = SQLiteStore(path, SCHEMA, preallocate=True)
         with self._store.transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'bank'").fetchone()
             if row is None:
