@@ -8,6 +8,7 @@ Request bytes that are not a valid message are refused with INVALID_ARGUMENT by 
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
@@ -39,10 +40,11 @@ def current_user() -> str:
 
 
 def log_call(method: str, peer: str, notes: dict[str, Any], code: grpc.StatusCode, message: str,
-             started: float) -> None:
+             started: float, ended: float | None = None) -> None:
     parts = [f"method={method}", f"peer={peer}"]
     parts += [f"{k}={v}" for k, v in notes.items() if v not in (None, "") and k != "retry_kind"]
-    parts += [f"status={code.name}", f"message={message!r}", f"ms={(time.perf_counter() - started) * 1000:.1f}",
+    elapsed = (ended if ended is not None else time.perf_counter()) - started
+    parts += [f"status={code.name}", f"message={message!r}", f"ms={elapsed * 1000:.1f}",
               f"retry={notes.get('retry_kind', 'no')}"]
     log.info(" ".join(parts))
 
@@ -143,8 +145,11 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     _NOTES.reset(token)
-                    log_call(method, context.peer(), notes, code or context.code() or grpc.StatusCode.OK,
-                             _details(context), start)
+                    # Written on the next loop turn, once the response is on its way: the line costs the
+                    # caller no latency. Everything it shows is taken now.
+                    asyncio.get_running_loop().call_soon(
+                        log_call, method, context.peer(), notes, code or context.code() or grpc.StatusCode.OK,
+                        _details(context), start, time.perf_counter())
             return behavior
 
         return _wrap_unary(handler, wrapper)

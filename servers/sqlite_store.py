@@ -166,6 +166,21 @@ class GroupCommitter:
     def _execute(self, operations: list[tuple[Callable[..., Any], tuple]]) -> list[tuple[Any, BaseException | None]]:
         outcomes: list[tuple[Any, BaseException | None]] = []
         db = self._store.connection()
+        if len(operations) == 1:
+            # Alone in its transaction: no savepoint needed, the transaction is the operation.
+            fn, args = operations[0]
+            with self._store._write_lock:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(db, *args)
+                except Exception as exc:  # noqa: BLE001 - handed to the operation's caller
+                    db.execute("ROLLBACK")
+                    return [(None, exc)]
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            return [(result, None)]
         with self._store._write_lock:
             db.execute("BEGIN IMMEDIATE")
             try:
