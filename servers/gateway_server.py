@@ -270,7 +270,7 @@ async def serve(settings: GatewaySettings) -> None:
     owner = Owner(settings.data_dir)
     store = PaymentStore(sqlite, owner)
     sessions = Sessions(sqlite, settings.token_ttl)
-    db = GroupCommitter(sqlite)
+    db = GroupCommitter(sqlite, commit_in_thread=True)
     stop = asyncio.Event()
     coordinator = Coordinator(store, db, banks, settings.txn_timeout, stop)
 

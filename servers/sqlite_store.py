@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import sqlite3
 import threading
@@ -67,19 +68,24 @@ class SQLiteStore:
             preallocate_wal(self.path, page_size)
 
     def connection(self) -> sqlite3.Connection:
+        """This thread's connection (made on first use)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken up front
-            # and two writers never deadlock upgrading a read lock.
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-            with self._lock:
-                self._all.append(db)
+            db = self._local.db = self.new_connection()
+        return db
+
+    def new_connection(self) -> sqlite3.Connection:
+        """A connection of its own (closed with the store), e.g. for a writer that hands it between threads."""
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken up front
+        # and two writers never deadlock upgrading a read lock.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        with self._lock:
+            self._all.append(db)
         return db
 
     @contextmanager
@@ -111,24 +117,39 @@ class SQLiteStore:
         self._local = threading.local()
 
 
+def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass  # the loop is closed: close() settled the batch itself
+
+
 class GroupCommitter:
-    """Write operations batched on the event loop: all those submitted in one loop iteration share one
-    transaction, so one fsync serves many payments under load, and a lone write costs no thread hand-off.
+    """Write operations batched on the event loop: all those submitted while the previous batch was being
+    written share one transaction, so one fsync serves many payments under load.
 
     `submit(fn, *args)` queues `fn(db, *args)` and returns an asyncio future that resolves only after the
     batch's COMMIT returned: a caller that awaits it knows its change is on disk before it makes the next
     remote call. Each operation runs inside its own SAVEPOINT: one that raises is rolled back alone and gets
-    the exception; the rest of the batch commits. The commit blocks the loop for one fsync (well under a
-    millisecond); requests arriving meanwhile wait in the socket buffers and join the next batch.
-    Must be used from the event loop's thread.
+    the exception; the rest of the batch commits. The operations always run on the loop (they are short).
+    A batch of one is committed right there too (a lone write costs no thread hand-off); with
+    `commit_in_thread`, a larger batch (the sign of load) has its COMMIT, the fsync, done on a thread of its
+    own, so the loop keeps serving while the disk works, and everything submitted meanwhile forms the next
+    batch. One transaction at a time, on a connection of the committer's own, so reads elsewhere never see
+    a batch before it is durable. Must be used from the event loop's thread.
     """
 
-    def __init__(self, store: SQLiteStore, max_batch: int = 256) -> None:
+    def __init__(self, store: SQLiteStore, max_batch: int = 256, *, commit_in_thread: bool = False) -> None:
         self._store = store
         self._max_batch = max_batch
         self._pending: list[tuple[Callable[..., Any], tuple, asyncio.Future]] = []
         self._scheduled = False
         self._lazy_timer: asyncio.TimerHandle | None = None
+        self._db = store.new_connection()
+        self._committer = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="strife-commit")
+                           if commit_in_thread else None)
+        self._in_flight: concurrent.futures.Future | None = None  # a COMMIT running on the thread
+        self._settle_in_flight: Callable[[], None] = lambda: None
 
     def submit(self, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
         loop = asyncio.get_running_loop()
@@ -154,76 +175,141 @@ class GroupCommitter:
         return future
 
     def close(self) -> None:
+        """Write everything still queued (waiting for a COMMIT in flight first), then release the connection."""
+        if self._in_flight is not None:
+            concurrent.futures.wait([self._in_flight])
+            self._settle_in_flight()
         while self._pending:
             self._flush()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+        self._db.close()
 
     def run_now(self, operations: list[tuple[Callable[..., Any], tuple]]) -> list[tuple[Any, BaseException | None]]:
         """Run `fn(db, *args)` for each operation in one transaction, now, on the caller's thread: one fsync
         for all of them. Returns (result, error) per operation, as `submit` would resolve them (an operation
-        that raises is rolled back alone). If the transaction itself cannot commit, raises: nothing is durable."""
-        return self._execute(operations)
+        that raises is rolled back alone). If the transaction itself cannot commit, raises: nothing is durable.
+        Not for a committer with `commit_in_thread` (its connection may be mid-commit)."""
+        if self._committer is not None:
+            raise RuntimeError("run_now is not available with commit_in_thread")
+        outcomes = self._apply(operations)
+        self._commit()
+        return outcomes
 
-    def _execute(self, operations: list[tuple[Callable[..., Any], tuple]]) -> list[tuple[Any, BaseException | None]]:
-        outcomes: list[tuple[Any, BaseException | None]] = []
-        db = self._store.connection()
-        if len(operations) == 1:
-            # Alone in its transaction: no savepoint needed, the transaction is the operation.
-            fn, args = operations[0]
-            with self._store._write_lock:
-                db.execute("BEGIN IMMEDIATE")
+    def _apply(self, operations: list[tuple[Callable[..., Any], tuple]]) -> list[tuple[Any, BaseException | None]]:
+        """Take the write lock, BEGIN IMMEDIATE and run the operations. On return the transaction is open and
+        the lock held, for `_commit` (on any thread); if this raises, both are already let go."""
+        db = self._db
+        self._store._write_lock.acquire()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._store._write_lock.release()
+            raise
+        try:
+            if len(operations) == 1:
+                # Alone in its transaction: no savepoint needed. If it raises, the transaction commits nothing.
+                fn, args = operations[0]
+                try:
+                    return [(fn(db, *args), None)]
+                except Exception as exc:  # noqa: BLE001 - handed to the operation's caller
+                    db.execute("ROLLBACK")
+                    db.execute("BEGIN IMMEDIATE")
+                    return [(None, exc)]
+            outcomes: list[tuple[Any, BaseException | None]] = []
+            for fn, args in operations:
+                db.execute("SAVEPOINT op")
                 try:
                     result = fn(db, *args)
                 except Exception as exc:  # noqa: BLE001 - handed to the operation's caller
-                    db.execute("ROLLBACK")
-                    return [(None, exc)]
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-            return [(result, None)]
-        with self._store._write_lock:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for fn, args in operations:
-                    db.execute("SAVEPOINT op")
-                    try:
-                        result = fn(db, *args)
-                    except Exception as exc:  # noqa: BLE001 - handed to the operation's caller
-                        db.execute("ROLLBACK TO op")
-                        db.execute("RELEASE op")
-                        outcomes.append((None, exc))
-                    else:
-                        db.execute("RELEASE op")
-                        outcomes.append((result, None))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        return outcomes
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    outcomes.append((None, exc))
+                else:
+                    db.execute("RELEASE op")
+                    outcomes.append((result, None))
+            return outcomes
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _commit(self) -> None:
+        """COMMIT the open transaction (the fsync) and let go of the write lock; on failure, roll back."""
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._store._write_lock.release()
+
+    def _rollback(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        finally:
+            self._store._write_lock.release()
 
     def _flush(self) -> None:
         self._scheduled = False
         if self._lazy_timer is not None:
             self._lazy_timer.cancel()
             self._lazy_timer = None
-        if not self._pending:
-            return
+        if self._in_flight is not None or not self._pending:
+            return  # a batch is being written: what is queued goes next, when it is done
         batch, self._pending = self._pending[:self._max_batch], self._pending[self._max_batch:]
-        if self._pending:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
         live = [(fn, args, future) for fn, args, future in batch if not future.cancelled()]
-        try:
-            outcomes = self._execute([(fn, args) for fn, args, _ in live])
-        except Exception as exc:  # noqa: BLE001 - the batch failed to commit: nobody's change is durable
-            for _, _, future in live:
-                if not future.done():
-                    future.set_exception(exc)
+        if not live:
+            self._next()
             return
-        for (_, _, future), (result, error) in zip(live, outcomes):
+        try:
+            outcomes = self._apply([(fn, args) for fn, args, _ in live])
+        except Exception as exc:  # noqa: BLE001 - the batch could not run: nobody's change is durable
+            self._settle(live, None, exc)
+            self._next()
+            return
+        if self._committer is None or len(live) == 1:
+            try:
+                self._commit()
+            except Exception as exc:  # noqa: BLE001
+                self._settle(live, None, exc)
+            else:
+                self._settle(live, outcomes, None)
+            self._next()
+            return
+        loop = asyncio.get_running_loop()
+        flight = self._in_flight = self._committer.submit(self._commit)
+
+        def committed() -> None:
+            if self._in_flight is not flight:
+                return  # already settled (by close)
+            self._in_flight = None
+            error = flight.exception()
+            self._settle(live, None if error else outcomes, error)
+            self._next()
+
+        self._settle_in_flight = committed
+        flight.add_done_callback(lambda _: _call_soon_threadsafe(loop, committed))
+
+    def _next(self) -> None:
+        if self._pending and not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # closing outside the loop: close() flushes what is left itself
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    @staticmethod
+    def _settle(live: list[tuple[Callable[..., Any], tuple, asyncio.Future]],
+                outcomes: list[tuple[Any, BaseException | None]] | None, error: BaseException | None) -> None:
+        for index, (_, _, future) in enumerate(live):
             if future.done():
                 continue
-            if error is None:
+            if outcomes is None:
+                future.set_exception(error if error is not None else RuntimeError("commit failed"))
+                continue
+            result, failure = outcomes[index]
+            if failure is None:
                 future.set_result(result)
             else:
-                future.set_exception(error)
+                future.set_exception(failure)
