@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from dataclasses import dataclass
 import grpc
 
 from protofiles import payment_pb2, payment_pb2_grpc
@@ -42,8 +43,15 @@ FRAMES_IN_FLIGHT = 1
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
+@dataclass
+class LinkStats:
+    frames: int = 0    # frames written
+    messages: int = 0  # messages in them
+
+
 class _Stream:
-    def __init__(self, stub: payment_pb2_grpc.BankStub) -> None:
+    def __init__(self, stub: payment_pb2_grpc.BankStub, stats: LinkStats) -> None:
+        self.stats = stats
         self.call = stub.ExchangeBatches()
         self.pending: dict[int, tuple[asyncio.Future, asyncio.TimerHandle]] = {}
         self.queue: list[tuple[int, str, object, asyncio.Future]] = []
@@ -74,6 +82,8 @@ class _Stream:
                 self.queue.clear()
                 if frame.messages:
                     self.in_flight += 1
+                    self.stats.frames += 1
+                    self.stats.messages += len(frame.messages)
                     await self.call.write(frame)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self.fail(BankCallError(grpc.StatusCode.UNAVAILABLE, f"could not send to the bank: {exc}"))
@@ -135,12 +145,13 @@ class BankLink:
         self.stub = payment_pb2_grpc.BankStub(channel)
         self._ids = itertools.count(1)
         self._stream: _Stream | None = None
+        self.stats = LinkStats()
 
     def send(self, kind: str, body: object, timeout: float) -> "asyncio.Future[payment_pb2.BankReply]":
         """Queue one Prepare/Commit/Abort; the future resolves to its reply, or fails (BankCallError) on a
         refusal, a broken stream or after `timeout` seconds without an answer."""
         if self._stream is None or self._stream.broken:
-            self._stream = _Stream(self.stub)
+            self._stream = _Stream(self.stub, self.stats)
         stream = self._stream
         loop = asyncio.get_running_loop()
         future = loop.create_future()

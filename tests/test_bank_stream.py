@@ -104,3 +104,62 @@ def test_many_messages_in_flight_on_one_stream_are_all_answered(cluster: Cluster
     out.put(None)
     assert set(got) == set(range(1, 201)) and all(got.values())
     assert cluster.accounts()["SBI-1001"] == (500_000, 20_000)
+
+
+# ---- ExchangeBatches: the frames the gateway actually uses ----------------------------------------------------
+def frame_of(*messages: pb.BankMessage) -> pb.BankBatch:
+    return pb.BankBatch(messages=list(messages))
+
+
+def test_a_frame_is_applied_and_answered_as_one(cluster: Cluster) -> None:
+    stub = cluster.bank_stub("SBI")
+    out: "queue.Queue[pb.BankBatch | None]" = queue.Queue()
+    replies = stub.ExchangeBatches(iter(out.get, None), timeout=30)
+    prepare = pb.PrepareRequest(transaction_id="f-1", from_account="SBI-1001", to_account="SBI-1002", amount=12.5)
+    too_much = pb.PrepareRequest(transaction_id="f-2", from_account="SBI-1001", to_account="HDFC-2001",
+                                 amount=1_000_000)
+    out.put(frame_of(pb.BankMessage(id=1, prepare=prepare), pb.BankMessage(id=2, prepare=too_much),
+                     pb.BankMessage(id=3, abort=pb.AbortRequest(transaction_id="f-never")),
+                     pb.BankMessage(id=4),  # no body
+                     pb.BankMessage(id=5, prepare=pb.PrepareRequest(transaction_id="", from_account="SBI-1001",
+                                                                    to_account="SBI-1002", amount=1)),
+                     pb.BankMessage(id=6, commit=pb.CommitRequest(transaction_id="f-unknown"))))
+    first = {r.id: r for r in next(replies).replies}  # one frame answers the whole frame
+    assert set(first) == {1, 2, 3, 4, 5, 6}
+    assert first[1].vote.vote and not first[2].vote.vote and "insufficient" in first[2].vote.reason
+    assert first[3].ack.success and not first[6].ack.success
+    assert first[4].error_code == first[5].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert cluster.accounts()["SBI-1001"] == (500_000, 1_250)  # only f-1 holds money
+    out.put(frame_of(pb.BankMessage(id=7, commit=pb.CommitRequest(transaction_id="f-1")),
+                     pb.BankMessage(id=8, commit=pb.CommitRequest(transaction_id="f-1")),  # a duplicate in-frame
+                     pb.BankMessage(id=9, prepare=pb.PrepareRequest(transaction_id="f-never", from_account="SBI-1001",
+                                                                    to_account="SBI-1002", amount=1))))
+    second = {r.id: r for r in next(replies).replies}
+    assert second[7].ack.success and second[8].ack.success and not second[9].vote.vote  # remembered abort
+    out.put(None)
+    assert list(replies) == []  # the bank ends the stream cleanly when the gateway does
+    assert cluster.accounts()["SBI-1001"] == (498_750, 0) and cluster.balance("SBI-1002") == 251_250
+    assert cluster.total() == OPENING_TOTAL and cluster.holds() == 0
+
+
+def test_a_malformed_frame_ends_the_stream_with_invalid_argument(cluster: Cluster) -> None:
+    cluster.bank_stub("SBI")  # keeps the mTLS channel open
+    raw = cluster._channels[-1].stream_stream("/Bank/ExchangeBatches", request_serializer=lambda b: b,
+                                              response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as err:
+        list(raw(iter([b"\xff\xff\xff"]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert cluster.total() == OPENING_TOTAL
+
+
+@pytest.mark.parametrize("cert", [None, "SBI"])
+def test_frames_are_refused_to_a_peer_that_is_not_the_gateway(cluster: Cluster, cert: str | None) -> None:
+    stub = cluster.bank_stub("SBI", cert_name=cert)
+    frame = frame_of(pb.BankMessage(id=1, prepare=pb.PrepareRequest(
+        transaction_id="x", from_account="SBI-1001", to_account="SBI-1002", amount=1)))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.ExchangeBatches(iter([frame]), timeout=10))
+    assert err.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
+    if cert == "SBI":
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert cluster.holds() == 0 and cluster.total() == OPENING_TOTAL

@@ -1,0 +1,123 @@
+"""The gateway's BankLink against a real bank process: frames coalesce under load, every call is answered
+once, a silent bank costs exactly the timeout, and a restarted bank is reached again on a new stream."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from protofiles import payment_pb2 as pb
+from servers import serving
+from servers.banklink import BankCallError, BankLink
+from servers.certs import GATEWAY_CN
+from tests.harness import OPENING_TOTAL, Cluster
+
+
+def link_to(cluster: Cluster, bank: str) -> BankLink:
+    credentials = serving.client_credentials(cluster.certs_dir, GATEWAY_CN)
+    channel = grpc.aio.secure_channel(f"localhost:{cluster.bank_ports[bank]}", credentials,
+                                      options=serving.CHANNEL_OPTIONS)
+    return BankLink(bank, channel)
+
+
+def prepare(i: int, amount: float = 1.0) -> pb.PrepareRequest:
+    return pb.PrepareRequest(transaction_id=f"link-{i}", from_account="SBI-1001", to_account="HDFC-2001",
+                             amount=amount)
+
+
+def test_concurrent_calls_share_frames_and_each_gets_its_own_answer(cluster: Cluster) -> None:
+    async def scenario() -> tuple[list[pb.BankReply], int, int]:
+        link = link_to(cluster, "SBI")
+        try:
+            votes = await asyncio.gather(*(link.send("prepare", prepare(i), 10) for i in range(100)))
+            acks = await asyncio.gather(*(link.send("commit", pb.CommitRequest(transaction_id=f"link-{i}"), 10)
+                                          for i in range(100)))
+            return [*votes, *acks], link.stats.frames, link.stats.messages
+        finally:
+            await link.close()
+
+    replies, frames, messages = asyncio.run(scenario())
+    assert all(r.vote.vote for r in replies[:100]) and all(r.ack.success for r in replies[100:])
+    assert messages == 200
+    assert frames < messages / 4  # one frame in flight at a time: the rest wait and leave together
+    assert cluster.accounts()["SBI-1001"] == (500_000 - 100 * 100, 0)
+
+
+def test_a_refused_message_fails_only_its_own_call(cluster: Cluster) -> None:
+    async def scenario() -> list[object]:
+        link = link_to(cluster, "SBI")
+        try:
+            return await asyncio.gather(link.send("prepare", prepare(1), 10),
+                                        link.send("prepare", pb.PrepareRequest(transaction_id="", amount=1), 10),
+                                        link.send("abort", pb.AbortRequest(transaction_id="link-1"), 10),
+                                        return_exceptions=True)
+        finally:
+            await link.close()
+
+    vote, refused, ack = asyncio.run(scenario())
+    assert isinstance(vote, pb.BankReply) and vote.vote.vote
+    assert isinstance(refused, BankCallError) and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(ack, pb.BankReply) and ack.ack.success
+    assert cluster.holds() == 0 and cluster.total() == OPENING_TOTAL
+
+
+def test_a_silent_bank_costs_the_timeout_then_the_link_recovers(cluster: Cluster) -> None:
+    bank = cluster.procs["SBI"]
+
+    async def scenario() -> tuple[list[object], float, pb.BankReply]:
+        link = link_to(cluster, "SBI")
+        try:
+            await link.send("abort", pb.AbortRequest(transaction_id="warm"), 10)
+            bank.pause()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            first = link.send("prepare", prepare(0), 0.5)
+            frames = link.stats.frames
+            while link.stats.frames == frames and loop.time() < started + 0.4:  # until the frame is written
+                await asyncio.sleep(0.001)
+            assert link.stats.frames == frames + 1
+            # The first call's frame is in flight to a stopped bank; the others queue behind it. All must time
+            # out on time, and the queued ones must not be sent late.
+            stalled = await asyncio.gather(first, *(link.send("prepare", prepare(i), 0.5) for i in range(1, 5)),
+                                           return_exceptions=True)
+            waited = loop.time() - started
+            bank.resume()
+            after = await link.send("prepare", prepare(99), 10)
+            return stalled, waited, after
+        finally:
+            bank.resume()
+            await link.close()
+
+    stalled, waited, after = asyncio.run(scenario())
+    assert all(isinstance(e, BankCallError) and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED for e in stalled)
+    assert 0.45 < waited < 2.0
+    assert after.vote.vote
+    # The prepare that reached the bank before it stopped holds its money (the coordinator would abort it);
+    # the queued ones timed out before they were sent, so they never reached the bank.
+    assert cluster.accounts()["SBI-1001"] == (500_000, 200)
+    assert cluster.total() == OPENING_TOTAL
+
+
+def test_a_restarted_bank_is_reached_on_a_new_stream(cluster: Cluster) -> None:
+    async def scenario() -> tuple[object, pb.BankReply]:
+        link = link_to(cluster, "HDFC")
+        try:
+            await link.send("abort", pb.AbortRequest(transaction_id="warm"), 10)
+            cluster.procs["HDFC"].kill()
+            broken = await asyncio.gather(link.send("abort", pb.AbortRequest(transaction_id="x"), 5),
+                                          return_exceptions=True)
+            await asyncio.get_running_loop().run_in_executor(None, cluster.restart, "HDFC")
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                try:
+                    return broken[0], await link.send("abort", pb.AbortRequest(transaction_id="y"), 5)
+                except BankCallError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+        finally:
+            await link.close()
+
+    broken, after = asyncio.run(scenario())
+    assert isinstance(broken, BankCallError) and broken.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                                   grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert after.ack.success
