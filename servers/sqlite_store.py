@@ -33,7 +33,8 @@ def preallocate_wal(path: Path, page_size: int) -> None:
     tmp = wal.with_name(f"{wal.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(bytes(32 + WAL_CHECKPOINT_PAGES * (page_size + 24)))
+            # A checkpoint runs after the commit that crosses the threshold: leave room for that commit.
+            f.write(bytes(32 + (WAL_CHECKPOINT_PAGES + 128) * (page_size + 24)))
             f.flush()
             os.fsync(f.fileno())
         os.link(tmp, wal)
