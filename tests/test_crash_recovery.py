@@ -172,10 +172,16 @@ def test_replay_after_gateway_restart_returns_stored_response_without_new_debit(
     assert again.replayed
     again.replayed = False
     assert again == first
-    assert {b: cluster.procs[b].log().count("method=/Bank/Prepare") for b in OPENING} == bank_calls
+    # A fence payment through both banks: once its Prepare lines are written, any Prepare the replay (wrongly)
+    # caused would be written too (a bank writes its lines in the order it works).
+    fence = alice.pay(key(), "SBI-1001", "HDFC-2001", 1)
+    wait_until(lambda: all(f"txn={fence.transaction_id}" in cluster.procs[b].log() for b in OPENING), 5,
+               message="the fence's bank lines")
+    assert {b: cluster.procs[b].log().count("method=/Bank/Prepare") for b in OPENING} == \
+        {b: n + 1 for b, n in bank_calls.items()}
     assert len(payments_with_key(cluster, "alice", k)) == 1
-    assert cluster.balance("SBI-1001") == 500_000 - 20_000
-    assert cluster.balance("HDFC-2001") == 300_000 + 20_000
+    assert cluster.balance("SBI-1001") == 500_000 - 20_000 - 100
+    assert cluster.balance("HDFC-2001") == 300_000 + 20_000 + 100
     assert_conserved(cluster)
 
 
@@ -360,7 +366,8 @@ def test_duplicates_split_across_two_gateways_debit_exactly_once(cluster: Cluste
     assert successes and all(r == grpc.StatusCode.ABORTED for r in others), others
     assert len({r.transaction_id for r in successes}) == 1 and all(r.success for r in successes)
     assert sum(not r.replayed for r in successes) <= 1
-    assert all(f"key={k}" in cluster.procs[name].log() for name in ("gateway", "gateway2"))
+    wait_until(lambda: all(f"key={k}" in cluster.procs[name].log() for name in ("gateway", "gateway2")), 5,
+               message="both gateways logged the key")
     assert len(payments_with_key(cluster, "alice", k)) == 1
     assert committed(cluster, "SBI") == {successes[0].transaction_id}
     assert cluster.balance("SBI-1001") == 500_000 - 4_200
@@ -438,7 +445,7 @@ def test_live_gateway_takes_over_dead_owners_payment_but_never_a_live_owners(mak
     k2_txn = key_row(cluster, "bob", k2).txn_id
     wait_until(lambda: key_row(cluster, "bob", k2).recovery_point == "finished", 10,
                message="gateway B's completer to finish the dead gateway's payment")
-    assert f"finished commit_decided payment {k2_txn}" in gateway_b.log()
+    wait_until(lambda: f"finished commit_decided payment {k2_txn}" in gateway_b.log(), 5, message="B's log line")
     assert cluster.txn_states("SBI")[k2_txn] == cluster.txn_states("HDFC")[k2_txn] == "committed"
 
     # That completer pass saw k1 too (it scans every unfinished key, oldest first) and left it to its live

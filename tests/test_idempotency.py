@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from protofiles import payment_pb2 as pb
-from tests.harness import OPENING_TOTAL, Cluster, send_duplicates
+from tests.harness import OPENING_TOTAL, Cluster, send_duplicates, wait_until
 
 
 def key() -> str:
@@ -29,7 +29,9 @@ def test_replay_returns_stored_response_and_touches_no_bank(cluster: Cluster) ->
     k = key()
     first, first_md = alice.pay_with_call(k, "SBI-1001", "HDFC-2001", 10)
     assert "idempotent-replayed" not in first_md
-    cluster.wait_bank("SBI")
+    # Call lines are written once the answer is on its way: wait for the first payment's Prepare and Commit.
+    wait_until(lambda: cluster.procs["SBI"].log().count(f"txn={first.transaction_id}") >= 2, 5,
+               message="the first payment's bank lines")
     bank_calls_before = cluster.procs["SBI"].log().count("method=/Bank/")
     second, second_md = alice.pay_with_call(k, "SBI-1001", "HDFC-2001", 10)
     assert second_md.get("idempotent-replayed") == "true"
@@ -37,7 +39,12 @@ def test_replay_returns_stored_response_and_touches_no_bank(cluster: Cluster) ->
     second.replayed = False
     assert second == first  # unchanged: same transaction id, outcome, message
     assert cluster.balance("SBI-1001") == 500_000 - 1_000
-    assert cluster.procs["SBI"].log().count("method=/Bank/") == bank_calls_before
+    # A fence: a new payment through the same bank. Lines are written in the order the bank works, so once
+    # the fence's two lines are there, any line a (wrong) bank call by the replay caused would be there too.
+    fence = alice.pay(key(), "SBI-1001", "HDFC-2001", 1)
+    wait_until(lambda: cluster.procs["SBI"].log().count(f"txn={fence.transaction_id}") >= 2, 5, message="fence")
+    assert cluster.procs["SBI"].log().count("method=/Bank/") == bank_calls_before + 2
+    assert cluster.balance("SBI-1001") == 500_000 - 1_000 - 100
     assert cluster.total() == OPENING_TOTAL
 
 

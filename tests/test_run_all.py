@@ -61,7 +61,8 @@ def test_run_all_servers_only_starts_everything_and_sigterm_stops_everything(tmp
                                                          amount=12.5), metadata=md, timeout=10)
             assert paid.success
         assert {p.name for p in (data / "logs").iterdir()} == {"bank_SBI.log", "bank_HDFC.log", "gateway.log"}
-        assert "ProcessPayment" in (data / "logs" / "gateway.log").read_text()
+        wait_until(lambda: "ProcessPayment" in (data / "logs" / "gateway.log").read_text(), 5,
+                   message="the payment's log line")
 
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
