@@ -217,6 +217,13 @@ class GroupCommitter:
                     db.execute("ROLLBACK")
                     db.execute("BEGIN IMMEDIATE")
                     return [(None, exc)]
+            # Optimistically without savepoints (operations rarely fail); if one does, the batch starts over
+            # with a savepoint around each operation, so that only the failing one is rolled back.
+            try:
+                return [(fn(db, *args), None) for fn, args in operations]
+            except Exception:  # noqa: BLE001 - run again below, each operation on its own
+                db.execute("ROLLBACK")
+                db.execute("BEGIN IMMEDIATE")
             outcomes: list[tuple[Any, BaseException | None]] = []
             for fn, args in operations:
                 db.execute("SAVEPOINT op")
