@@ -50,6 +50,9 @@ class Banks:
 
     async def close(self) -> None:
         for link in self.links.values():
+            if link.stats.frames:
+                log.info("bank link %s: %d messages in %d frames (%.1f per frame)", link.name, link.stats.messages,
+                         link.stats.frames, link.stats.messages / link.stats.frames)
             await link.close()
 
 
