@@ -89,6 +89,9 @@ class _Stream:
             self.fail(BankCallError(grpc.StatusCode.UNAVAILABLE, f"could not send to the bank: {exc}"))
         except asyncio.CancelledError:
             self.fail(BankCallError(grpc.StatusCode.CANCELLED, "the gateway is shutting down"))
+        except Exception as exc:  # noqa: BLE001 - anything else: this stream cannot be trusted; start afresh
+            log.exception("bank stream write failed")
+            self.fail(BankCallError(grpc.StatusCode.UNAVAILABLE, f"could not send to the bank: {exc}"))
         finally:
             self.writer = None
 
@@ -115,6 +118,9 @@ class _Stream:
             error = BankCallError(exc.code(), exc.details() or "stream failed")
         except asyncio.CancelledError:
             error = BankCallError(grpc.StatusCode.CANCELLED, "the gateway is shutting down")
+        except Exception as exc:  # noqa: BLE001 - e.g. a reply frame that is not a message: start afresh
+            log.exception("bank stream read failed")
+            error = BankCallError(grpc.StatusCode.UNAVAILABLE, f"the bank's stream failed: {exc}")
         finally:
             self.fail(error)
 
