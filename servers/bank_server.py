@@ -3,9 +3,9 @@
     python -m servers.bank_server --bank SBI --port 50051 [--config-dir config] [--certs-dir certificates]
                                   [--data-dir data]
 
-Prepare, Commit and Abort are served both as unary RPCs and as messages on the gateway's long-lived
-`Exchange` stream; both go through one group committer, so concurrent operations share a transaction and
-its fsync, and every answer leaves only after its change is on disk.
+Prepare, Commit and Abort are served as unary RPCs, as messages on an `Exchange` stream, and as frames of
+messages on the gateway's long-lived `ExchangeBatches` stream (what the gateway uses): a frame is applied in
+one transaction, so its operations share one fsync. Every answer leaves only after its change is on disk.
 """
 from __future__ import annotations
 
@@ -223,14 +223,14 @@ class BankServicer(payment_pb2_grpc.BankServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"the frame is not a valid BankBatch ({frame.error})")
             started = time.perf_counter()
-            replies, lines = self._apply_frame(frame, started)
+            replies, lines = self._apply_frame(frame)
             await context.write(payment_pb2.BankReplyBatch(replies=replies))
             for kind, notes, code, message in lines:
                 log_call(f"/Bank/{kind.capitalize()}", peer, notes, code, message, started)
             if self._stopping:
                 return
 
-    def _apply_frame(self, frame: payment_pb2.BankBatch, started: float
+    def _apply_frame(self, frame: payment_pb2.BankBatch
                      ) -> tuple[list[payment_pb2.BankReply], list[tuple[str, dict, grpc.StatusCode, str]]]:
         replies: list[payment_pb2.BankReply] = []
         lines: list[tuple[str, dict, grpc.StatusCode, str]] = []
