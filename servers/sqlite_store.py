@@ -150,6 +150,7 @@ class GroupCommitter:
         self._committer = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="strife-commit")
                            if commit_in_thread else None)
         self._in_flight: concurrent.futures.Future | None = None  # a COMMIT running on the thread
+        self._lazy: set[asyncio.Future] = set()  # queued writes nobody waits for (submit_lazy)
         self._settle_in_flight: Callable[[], None] = lambda: None
 
     def submit(self, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
@@ -171,6 +172,7 @@ class GroupCommitter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, args, future))
+        self._lazy.add(future)
         if not self._scheduled and self._lazy_timer is None:
             self._lazy_timer = loop.call_later(within, self._flush)
         return future
@@ -275,7 +277,10 @@ class GroupCommitter:
             self._settle(live, None, exc)
             self._next()
             return
-        if self._committer is None or len(live) == 1:
+        awaited = sum(1 for _, _, future in live if future not in self._lazy)
+        self._lazy.difference_update(future for _, _, future in batch)
+        # One awaited write (plus lazy ones riding along) is the sign of no load: commit here, no hand-off.
+        if self._committer is None or awaited <= 1:
             try:
                 self._commit()
             except Exception as exc:  # noqa: BLE001

@@ -123,3 +123,25 @@ def test_an_existing_wal_is_never_touched(tmp_path: Path) -> None:
     assert wal.read_bytes() == before
     assert on_disk(path) == {"only-in-wal": 1}
     store.close()
+
+
+def test_one_awaited_write_commits_on_the_loop_even_with_lazy_writes_riding_along(tmp_path: Path) -> None:
+    # The lazy "finished" mark of one payment rides with the next payment's claim: still no load, so no
+    # hand-off to the commit thread (it would add a thread round trip to every sequential payment).
+    store = SQLiteStore(tmp_path / "s.sqlite3", SCHEMA)
+    committer = GroupCommitter(store, commit_in_thread=True)
+    handed_off: list[object] = []
+    real_submit = committer._committer.submit
+    committer._committer.submit = lambda fn: handed_off.append(fn) or real_submit(fn)  # type: ignore[union-attr]
+
+    async def scenario() -> None:
+        committer.submit_lazy(put, "finished-mark", 1, within=60)
+        await committer.submit(put, "claim", 2)
+        assert handed_off == []
+        await asyncio.gather(committer.submit(put, "a", 3), committer.submit(put, "b", 4))  # load: two awaited
+        assert len(handed_off) == 1
+
+    asyncio.run(scenario())
+    assert on_disk(store.path) == {"finished-mark": 1, "claim": 2, "a": 3, "b": 4}
+    committer.close()
+    store.close()
