@@ -131,13 +131,14 @@ class GroupCommitter:
 
     `submit(fn, *args)` queues `fn(db, *args)` and returns an asyncio future that resolves only after the
     batch's COMMIT returned: a caller that awaits it knows its change is on disk before it makes the next
-    remote call. Each operation runs inside its own SAVEPOINT: one that raises is rolled back alone and gets
-    the exception; the rest of the batch commits. The operations always run on the loop (they are short).
-    A batch of one is committed right there too (a lone write costs no thread hand-off); with
-    `commit_in_thread`, a larger batch (the sign of load) has its COMMIT, the fsync, done on a thread of its
-    own, so the loop keeps serving while the disk works, and everything submitted meanwhile forms the next
-    batch. One transaction at a time, on a connection of the committer's own, so reads elsewhere never see
-    a batch before it is durable. Must be used from the event loop's thread.
+    remote call. An operation that raises is rolled back alone and gets the exception (the batch then starts
+    over with a SAVEPOINT around each operation); the rest of the batch commits. The operations always run on
+    the loop (they are short). A batch with one awaited write (lazy ones may ride along) is committed right
+    there too: a lone write costs no thread hand-off. With `commit_in_thread`, a batch of several awaited
+    writes (the sign of load) has its COMMIT, the fsync, done on a thread of its own, so the loop keeps
+    serving while the disk works, and everything submitted meanwhile forms the next batch. One transaction at
+    a time, on a connection of the committer's own, so reads elsewhere never see a batch before it is
+    durable. Must be used from the event loop's thread.
     """
 
     def __init__(self, store: SQLiteStore, max_batch: int = 256, *, commit_in_thread: bool = False) -> None:
@@ -152,6 +153,7 @@ class GroupCommitter:
         self._in_flight: concurrent.futures.Future | None = None  # a COMMIT running on the thread
         self._lazy: set[asyncio.Future] = set()  # queued writes nobody waits for (submit_lazy)
         self._settle_in_flight: Callable[[], None] = lambda: None
+        self._closing = False
 
     def submit(self, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
         loop = asyncio.get_running_loop()
@@ -179,6 +181,7 @@ class GroupCommitter:
 
     def close(self) -> None:
         """Write everything still queued (waiting for a COMMIT in flight first), then release the connection."""
+        self._closing = True  # from here on every batch commits right here, on the caller's thread
         if self._in_flight is not None:
             concurrent.futures.wait([self._in_flight])
             self._settle_in_flight()
@@ -280,7 +283,7 @@ class GroupCommitter:
         awaited = sum(1 for _, _, future in live if future not in self._lazy)
         self._lazy.difference_update(future for _, _, future in batch)
         # One awaited write (plus lazy ones riding along) is the sign of no load: commit here, no hand-off.
-        if self._committer is None or awaited <= 1:
+        if self._committer is None or awaited <= 1 or self._closing:
             try:
                 self._commit()
             except Exception as exc:  # noqa: BLE001

@@ -145,3 +145,18 @@ def test_one_awaited_write_commits_on_the_loop_even_with_lazy_writes_riding_alon
     assert on_disk(store.path) == {"finished-mark": 1, "claim": 2, "a": 3, "b": 4}
     committer.close()
     store.close()
+
+
+def test_close_writes_every_queued_batch_of_several_awaited_writes(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.sqlite3", SCHEMA)
+    committer = GroupCommitter(store, max_batch=2, commit_in_thread=True)
+
+    async def scenario() -> list["asyncio.Future[str]"]:
+        futures = [committer.submit(put, f"k{i}", i) for i in range(5)]  # three batches' worth, none flushed
+        committer.close()  # every batch is written here, on the caller's thread, before close returns
+        return futures
+
+    futures = asyncio.run(scenario())
+    assert [f.result() for f in futures] == [f"k{i}" for i in range(5)]
+    assert on_disk(store.path) == {f"k{i}": i for i in range(5)}
+    store.close()
