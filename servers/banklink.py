@@ -1,9 +1,9 @@
 """The gateway's link to one bank: a mutual-TLS channel and a long-lived `ExchangeBatches` stream on it.
 
-A 2PC call is a message with an id, answered by a reply with the same id. Every message queued for a bank in
-one turn of the event loop leaves in one frame (one write), and the bank applies a frame in one transaction
+A 2PC call is a message with an id, answered by a reply with the same id. Messages queued for a bank leave
+together in one frame (one write), one frame in flight at a time; the bank applies a frame in one transaction
 and answers it in one frame: under load, N payments cost one stream write, one fsync and one read per bank
-instead of N. Each call waits under its own deadline (a timer, not a task), so a silent bank costs exactly the
+instead of N, and a lone payment waits for nothing. Each call waits under its own deadline (a timer, not a task), so a silent bank costs exactly the
 timeout. If the stream breaks (the bank died or restarted), every waiting call fails as UNAVAILABLE and the
 next call opens a new stream; the channel reconnects within a second (serving.CHANNEL_OPTIONS). Unary RPCs
 (GetBalance) use the same channel.
@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass
+
 import grpc
 
 from protofiles import payment_pb2, payment_pb2_grpc
