@@ -1,12 +1,13 @@
 """Strife benchmark: real servers in a temp sandbox, the starter code side by side, one table and a JSON line.
 
-    python -m bench.run [--starter ../shared/baseline-starter] [--quick]
+    python -m bench.run [--starter ../shared/baseline-starter] [--payments 2000] [--quick] [--repeat N]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,14 +183,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starter", type=Path, default=DEFAULT_STARTER, help="the starter code's folder")
     parser.add_argument("--payments", type=int, default=2000, help="payments per sequential measurement")
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run everything N times and report each measure's median (a small VM swings ±25 %%"
+                             " from run to run)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     n = 300 if args.quick else args.payments
-    with tempfile.TemporaryDirectory(prefix="strife-bench-") as tmp:
-        strife = bench_strife(Path(tmp), n, args.quick)
-    starter = bench_starter(args.starter, max(100, n // 4)) if args.starter.is_dir() else {}
+    runs: list[tuple[dict[str, float], dict[str, float]]] = []
+    for i in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="strife-bench-") as tmp:
+            strife = bench_strife(Path(tmp), n, args.quick)
+        starter = bench_starter(args.starter, max(100, n // 4)) if args.starter.is_dir() else {}
+        runs.append((strife, starter))
+        if args.repeat > 1:
+            print(f"run {i + 1}/{args.repeat}: {summary(strife, starter)}", flush=True)
+    strife, starter = median_of([r[0] for r in runs]), median_of([r[1] for r in runs])
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} runs (each ratio below is of medians):")
     print_table(strife, starter)
-    print(json.dumps({"strife": strife, "starter": starter}, sort_keys=True))
+    print(json.dumps({"strife": strife, "starter": starter, **({"runs": [{"strife": a, "starter": b} for a, b in runs]}
+                                                               if args.repeat > 1 else {})}, sort_keys=True))
     return 0
+
+
+ALL_MUST_HOLD = ("conserved", "drain_exactly_once")
+
+
+def median_of(results: list[dict[str, float]]) -> dict[str, float]:
+    """Each measure's median over the runs; a check that must hold in every run counts only if it did."""
+    keys = results[0].keys() if results else ()
+    return {k: (min(r[k] for r in results) if k in ALL_MUST_HOLD else statistics.median(r[k] for r in results))
+            for k in keys}
+
+
+def summary(s: dict[str, float], b: dict[str, float]) -> str:
+    line = (f"floor {s['floor']:.0f}/s, sequential {s['sequential']:.0f}/s, concurrent {s['concurrent']:.0f}/s,"
+            f" replay {s['replay']:.0f}/s, drain {s['drain']:.0f}/s")
+    if b:
+        line += (f"; starter {b['sequential']:.0f} / {b['concurrent']:.0f}/s → {s['sequential'] / b['sequential']:.1f}x"
+                 f" / {s['concurrent'] / b['concurrent']:.1f}x")
+    return line
 
 
 def print_table(s: dict[str, float], b: dict[str, float]) -> None:
