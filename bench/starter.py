@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,14 @@ from tests.harness import wait_until
 
 DEFAULT_STARTER = Path(__file__).resolve().parent.parent.parent / "shared" / "baseline-starter"
 STARTER_PORTS = {"SBI": 50051, "HDFC": 50052, "gateway": 50053}
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 class Starter:
@@ -44,6 +53,9 @@ class Starter:
                 except grpc.RpcError:
                     return False
         wait_until(up, 30, 0.1, "the starter's gateway")
+        # Its gateway answers Login without the banks: wait until both accept connections too.
+        for bank, port in (("SBI", 50051), ("HDFC", 50052)):
+            wait_until(lambda: _accepts(port), 30, 0.1, f"the starter's bank {bank} on port {port}")
         return "localhost:50053"
 
     @property
