@@ -6,8 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.proxy_process import ProxyProcess
 from tests.harness import PASSWORDS, Cluster
-from tests.tcpproxy import TcpProxy
 from wallet_tui.core import WalletCore
 from wallet_tui.gateway import GrpcGateway
 from wallet_tui.settings import WalletSettings
@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def drain_rate(cluster: Cluster, data_dir: Path, count: int) -> dict[str, float]:
-    """Queue `count` payments while the wallet↔gateway link is cut, restore it, time the drain."""
-    proxy = TcpProxy(cluster.gateway_port)
+    """Queue `count` payments while the wallet↔gateway link is cut, restore it, time the drain. The link runs
+    through a proxy in a process of its own, so that relaying costs the measured wallet nothing."""
+    proxy = ProxyProcess(cluster.gateway_port)
     settings = WalletSettings(gateway=proxy.address, certs_dir=cluster.certs_dir, data_dir=data_dir)
     core = WalletCore(settings, GrpcGateway(settings.gateway, settings.ca_path))
     try:
