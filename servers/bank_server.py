@@ -114,6 +114,16 @@ class BankServicer(payment_pb2_grpc.BankServicer):
             return payment_pb2.Vote(vote=result.yes, reason=result.reason)
         return payment_pb2.Ack(success=result.ok, message=result.message)
 
+    def _reply(self, message_id: int, kind: str, result: object, notes: dict) -> payment_pb2.BankReply:
+        """A stream's answer to one applied message (and the vote noted for its log line)."""
+        reply = payment_pb2.BankReply(id=message_id)
+        if kind == "prepare":
+            reply.vote.CopyFrom(self._to_message(kind, result))
+            notes["vote"] = "yes" if result.yes else "no"
+        else:
+            reply.ack.CopyFrom(self._to_message(kind, result))
+        return reply
+
     async def _unary(self, kind: str, request: object, context: grpc.aio.ServicerContext) -> object:
         note(txn=request.transaction_id[:80])
         if kind == "prepare":
@@ -152,15 +162,9 @@ class BankServicer(payment_pb2_grpc.BankServicer):
                 result = await future
             except Exception as exc:  # noqa: BLE001 - the ledger failed: tell the gateway, keep the stream
                 log_call(f"/Bank/{kind.capitalize()}", peer, notes, grpc.StatusCode.INTERNAL, str(exc), started)
-                replies.put_nowait(payment_pb2.BankReply(id=message.id, error_code=grpc.StatusCode.INTERNAL.value[0],
-                                                         error=f"ledger error: {exc}"))
+                replies.put_nowait(_error_reply(message.id, grpc.StatusCode.INTERNAL, f"ledger error: {exc}"))
                 return
-            reply = payment_pb2.BankReply(id=message.id)
-            if kind == "prepare":
-                reply.vote.CopyFrom(self._to_message(kind, result))
-                notes["vote"] = "yes" if result.yes else "no"
-            else:
-                reply.ack.CopyFrom(self._to_message(kind, result))
+            reply = self._reply(message.id, kind, result, notes)
             log_call(f"/Bank/{kind.capitalize()}", peer, notes, grpc.StatusCode.OK, getattr(result, "message", ""),
                      started)
             replies.put_nowait(reply)
@@ -174,14 +178,12 @@ class BankServicer(payment_pb2_grpc.BankServicer):
                         break
                     kind = message.WhichOneof("body")
                     if kind is None:
-                        replies.put_nowait(payment_pb2.BankReply(
-                            id=message.id, error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error="empty message"))
+                        replies.put_nowait(_error_reply(message.id, grpc.StatusCode.INVALID_ARGUMENT, "empty message"))
                         continue
                     try:
                         future = self._start(kind, getattr(message, kind))
                     except Refused as exc:
-                        replies.put_nowait(payment_pb2.BankReply(
-                            id=message.id, error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=str(exc)))
+                        replies.put_nowait(_error_reply(message.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
                         continue
                     task = asyncio.ensure_future(answer(message, kind, future, started))
                     answering.add(task)
@@ -261,13 +263,7 @@ class BankServicer(payment_pb2_grpc.BankServicer):
                 replies.append(_error_reply(message.id, grpc.StatusCode.INTERNAL, f"ledger error: {error}"))
                 lines.append((kind, notes, grpc.StatusCode.INTERNAL, str(error)))
                 continue
-            reply = payment_pb2.BankReply(id=message.id)
-            if kind == "prepare":
-                reply.vote.vote, reply.vote.reason = result.yes, result.reason
-                notes["vote"] = "yes" if result.yes else "no"
-            else:
-                reply.ack.success, reply.ack.message = result.ok, result.message
-            replies.append(reply)
+            replies.append(self._reply(message.id, kind, result, notes))
             lines.append((kind, notes, grpc.StatusCode.OK, getattr(result, "message", "")))
         return replies, lines
 

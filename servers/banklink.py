@@ -166,9 +166,6 @@ class BankLink:
         stream.send(message_id, kind, body, future, loop.call_later(timeout, stream.expire, message_id, timeout))
         return future
 
-    async def request(self, kind: str, body: object, timeout: float) -> payment_pb2.BankReply:
-        return await self.send(kind, body, timeout)
-
     async def close(self) -> None:
         if self._stream is not None:
             self._stream.close()

@@ -213,22 +213,16 @@ class GroupCommitter:
             self._store._write_lock.release()
             raise
         try:
-            if len(operations) == 1:
-                # Alone in its transaction: no savepoint needed. If it raises, the transaction commits nothing.
-                fn, args = operations[0]
-                try:
-                    return [(fn(db, *args), None)]
-                except Exception as exc:  # noqa: BLE001 - handed to the operation's caller
-                    db.execute("ROLLBACK")
-                    db.execute("BEGIN IMMEDIATE")
-                    return [(None, exc)]
             # Optimistically without savepoints (operations rarely fail); if one does, the batch starts over
-            # with a savepoint around each operation, so that only the failing one is rolled back.
+            # with a savepoint around each operation, so that only the failing one is rolled back (a lone
+            # operation needs no second run: rolling back the transaction rolled it back).
             try:
                 return [(fn(db, *args), None) for fn, args in operations]
-            except Exception:  # noqa: BLE001 - run again below, each operation on its own
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, or each operation run on its own
                 db.execute("ROLLBACK")
                 db.execute("BEGIN IMMEDIATE")
+                if len(operations) == 1:
+                    return [(None, exc)]
             outcomes: list[tuple[Any, BaseException | None]] = []
             for fn, args in operations:
                 db.execute("SAVEPOINT op")
