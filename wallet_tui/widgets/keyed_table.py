@@ -15,6 +15,7 @@ class KeyedTable(DataTable):
 
     def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self._drawn_widths: tuple[int, ...] = ()
 
     def on_mount(self) -> None:
         for key, label in self.COLUMNS:
@@ -50,9 +51,20 @@ class KeyedTable(DataTable):
         for key in kept:
             for column, cell in zip(columns, rows[key]):
                 if self.get_cell(key, column) != cell:
-                    self.update_cell(key, column, cell)
+                    self.update_cell(key, column, cell, update_width=True)
         for key in added:
             self.add_row(*rows[key], key=key)
+
+    def _update_dimensions(self, new_rows):  # type: ignore[no-untyped-def]
+        """DataTable measures its columns when idle, but lines it drew before that keep their cache keys, so a
+        table drawn on a busy loop could show cut-off columns ("SBI-  HD") until its next change (Textual issue
+        #3533). When the measured widths change, invalidate every cached line and draw again."""
+        super()._update_dimensions(new_rows)
+        widths = tuple(column.get_render_width(self) for column in self.ordered_columns)
+        if widths != self._drawn_widths:
+            self._drawn_widths = widths
+            self._update_count += 1     # every DataTable render cache is keyed on it
+            self.refresh()
 
     def _rebuild(self, rows: dict[str, tuple[Cell, ...]]) -> None:
         selected = self.selected_key()
