@@ -179,8 +179,10 @@ def bench_starter(source: Path, n: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--starter", type=Path, default=DEFAULT_STARTER, help="the starter code's folder")
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--starter", type=Path, default=None,
+                        help=f"the starter code's folder (default: {DEFAULT_STARTER}, if it is there)")
     parser.add_argument("--payments", type=int, default=2000, help="payments per sequential measurement")
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -189,12 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    try:
+        starter_dir = find_starter(args.starter)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if starter_dir is None:
+        print(f"bench: no starter code at {DEFAULT_STARTER}: its column stays empty and no ratio to it is shown;"
+              " pass --starter DIR (the starter is shared/baseline-starter in the Strife workspace)",
+              file=sys.stderr, flush=True)
     n = 300 if args.quick else args.payments
     runs: list[tuple[dict[str, float], dict[str, float]]] = []
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="strife-bench-") as tmp:
             strife = bench_strife(Path(tmp), n, args.quick)
-        starter = bench_starter(args.starter, max(100, n // 4)) if args.starter.is_dir() else {}
+        starter = bench_starter(starter_dir, max(100, n // 4)) if starter_dir is not None else {}
         runs.append((strife, starter))
         if args.repeat > 1:
             print(f"run {i + 1}/{args.repeat}: {summary(strife, starter)}", flush=True)
@@ -208,6 +218,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 ALL_MUST_HOLD = ("conserved", "drain_exactly_once")
+
+
+def find_starter(given: Path | None) -> Path | None:
+    """The starter's folder: the one given (which must look like the starter), else the default if it is
+    there, else None (the benchmark then runs Strife alone and says so)."""
+    folder = DEFAULT_STARTER if given is None else given
+    if not folder.is_dir():
+        if given is None:
+            return None
+        raise ValueError(f"--starter {given}: no such folder")
+    missing = [part for part in ("servers", "protofiles/payment.proto", "gen_certs.sh") if not (folder / part).exists()]
+    if missing:
+        raise ValueError(f"--starter {folder}: not the starter code (no {', '.join(missing)} in it)")
+    return folder
 
 
 def median_of(results: list[dict[str, float]]) -> dict[str, float]:
@@ -228,15 +252,19 @@ def summary(s: dict[str, float], b: dict[str, float]) -> str:
 
 def print_table(s: dict[str, float], b: dict[str, float]) -> None:
     ceiling = s["floor"] / 3
+
+    def theirs(fmt: str, *keys: str) -> str:
+        return fmt.format(*(b[k] for k in keys)) if b else "not run"
+
     rows = [
         ("floor: bare TLS health check /s", f"{s['floor']:.0f}", "", ""),
-        ("sequential payments /s", f"{s['sequential']:.0f}", f"{b.get('sequential', float('nan')):.0f}",
+        ("sequential payments /s", f"{s['sequential']:.0f}", theirs("{:.0f}", "sequential"),
          f"{s['sequential'] / b['sequential']:.1f}x starter, {s['sequential'] / ceiling:.0%} of floor/3" if b else
          f"{s['sequential'] / ceiling:.0%} of floor/3"),
-        ("concurrent payments /s (16 threads)", f"{s['concurrent']:.0f}", f"{b.get('concurrent', float('nan')):.0f}",
+        ("concurrent payments /s (16 threads)", f"{s['concurrent']:.0f}", theirs("{:.0f}", "concurrent"),
          f"{s['concurrent'] / b['concurrent']:.1f}x starter" if b else ""),
         ("payment latency p50 / p99 ms", f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f}",
-         f"{b.get('p50_ms', float('nan')):.1f} / {b.get('p99_ms', float('nan')):.1f}", ""),
+         theirs("{:.1f} / {:.1f}", "p50_ms", "p99_ms"), ""),
         ("replays /s (same key)", f"{s['replay']:.0f}", "", f"{s['replay'] / s['sequential']:.1f}x sequential"),
         ("replays /s, 1k vs 100k keys", f"{s['replay_1k_keys']:.0f} / {s['replay_100k_keys']:.0f}", "",
          f"{s['replay_100k_keys'] / s['replay_1k_keys']:.0%}"),
@@ -248,8 +276,8 @@ def print_table(s: dict[str, float], b: dict[str, float]) -> None:
     rows.append(("wallet start-up to login screen s", f"{s['wallet_startup_s']:.2f}", "", "headless"))
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'Strife':>14}  {'starter':>14}  note")
-    for name, mine, theirs, note in rows:
-        print(f"{name:<{width}}  {mine:>14}  {theirs:>14}  {note}")
+    for name, mine, other, note in rows:
+        print(f"{name:<{width}}  {mine:>14}  {other:>14}  {note}")
 
 
 if __name__ == "__main__":
