@@ -161,13 +161,6 @@ class PaymentStore:
             self.owner.forget(owner_id)
         return taken
 
-    def lookup(self, username: str, key: str) -> tuple[Payment, str] | None:
-        """A plain read of a key (no transaction): its payment and fingerprint. Used for the replay fast path:
-        a stored response never changes once written, so reading it outside the claim transaction is safe."""
-        row = self._store.connection().execute(_SELECT + " WHERE k.username = ? AND k.idem_key = ?",
-                                               (username, key)).fetchone()
-        return None if row is None else (_payment(row), row[9])
-
     def forget_previous_owner(self, claim: Claim) -> None:
         if claim.kind is ClaimKind.RESUMED and claim.previous_owner:
             self.owner.forget(claim.previous_owner)

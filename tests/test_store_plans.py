@@ -42,7 +42,6 @@ def test_regression_key_table_statements_never_scan_a_table(traced: tuple[Paymen
     other = store.claim("alice", "k-2", "SBI-1001", "HDFC-2001", 100).payment
     store.release(other)
     store.take_over_abandoned()
-    store.lookup("alice", "k-1")
     store.history("alice", ("SBI-1001",), 50)
     store.sweep(3600)
     db = store._store.connection()
