@@ -9,6 +9,10 @@ one transaction, so its operations share one fsync. Every answer leaves only aft
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the server program: choose gRPC's I/O engine before anything imports grpc
+    from servers import grpc_engine as _engine
+    _engine.choose()
+
 import argparse
 import asyncio
 import logging
@@ -21,7 +25,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from protofiles import payment_pb2, payment_pb2_grpc
-from servers import serving
+from servers import grpc_engine, serving
 from servers.certs import GATEWAY_CN
 from servers.config import ConfigError, load_banks, load_opening_balances
 from servers.interceptors import LoggingInterceptor, Malformed, PeerCertInterceptor, log_call, note
@@ -295,6 +299,7 @@ async def serve(settings: BankSettings) -> None:
     health = await serving.add_health(server)
     serving.bind(server, settings.port, credentials)
     await server.start()
+    log.info("network I/O: %s", grpc_engine.describe())
     log.info("bank %s listening on port %d, ledger %s", settings.bank, settings.port, settings.ledger_path)
 
     async def on_stop() -> None:

@@ -5,6 +5,10 @@
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the server program: choose gRPC's I/O engine before anything imports grpc
+    from servers import grpc_engine as _engine
+    _engine.choose()
+
 import argparse
 import asyncio
 import logging
@@ -16,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from protofiles import payment_pb2, payment_pb2_grpc
-from servers import serving
+from servers import grpc_engine, serving
 from servers.config import ConfigError, User, load_banks, load_users, verify_password
 from servers.coordinator import STATUS_ENUM, Banks, Coordinator
 from servers.idempotency import ClaimKind, Payment, PaymentStore
@@ -282,6 +286,7 @@ async def serve(settings: GatewaySettings) -> None:
         log.info("start-up recovery: aborted %d undecided payments left by a dead gateway", aborted)
     completer = asyncio.ensure_future(_completer_loop(coordinator, store, sessions, settings, stop))
     await server.start()  # the completer then delivers every decision a dead gateway left
+    log.info("network I/O: %s", grpc_engine.describe())
     log.info("gateway listening on port %d (owner %s, store %s, txn timeout %g s)", settings.port, owner.id,
              settings.store_path, settings.txn_timeout)
 
