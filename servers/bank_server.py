@@ -9,9 +9,10 @@ one transaction, so its operations share one fsync. Every answer leaves only aft
 """
 from __future__ import annotations
 
+from servers import grpc_engine  # imports no grpc itself
+
 if __name__ == "__main__":  # the server program: choose gRPC's I/O engine before anything imports grpc
-    from servers import grpc_engine as _engine
-    _engine.choose()
+    grpc_engine.choose()
 
 import argparse
 import asyncio
@@ -25,7 +26,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from protofiles import payment_pb2, payment_pb2_grpc
-from servers import grpc_engine, serving
+from servers import serving
 from servers.certs import GATEWAY_CN
 from servers.config import ConfigError, load_banks, load_opening_balances
 from servers.interceptors import LoggingInterceptor, Malformed, PeerCertInterceptor, log_call, note

@@ -5,9 +5,10 @@
 """
 from __future__ import annotations
 
+from servers import grpc_engine  # imports no grpc itself
+
 if __name__ == "__main__":  # the server program: choose gRPC's I/O engine before anything imports grpc
-    from servers import grpc_engine as _engine
-    _engine.choose()
+    grpc_engine.choose()
 
 import argparse
 import asyncio
@@ -20,7 +21,7 @@ from pathlib import Path
 import grpc
 
 from protofiles import payment_pb2, payment_pb2_grpc
-from servers import grpc_engine, serving
+from servers import serving
 from servers.config import ConfigError, User, load_banks, load_users, verify_password
 from servers.coordinator import STATUS_ENUM, Banks, Coordinator
 from servers.idempotency import ClaimKind, Payment, PaymentStore
