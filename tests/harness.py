@@ -2,8 +2,10 @@
 ports, SQLite ledgers read straight from disk, and helpers to pay, kill and wait on conditions."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -31,10 +33,62 @@ OPENING = {"SBI": {"SBI-1001": 5000.0, "SBI-1002": 2500.0, "SBI-1003": 1000.0, "
 _HASHES: dict[str, str] = {}
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def _listen_candidates() -> range:
+    """Ports outside the ephemeral range: a port there can only be taken by another listener."""
+    low, high = _ephemeral_range()
+    if low - 10_000 >= 2_000:  # Linux default 32768-60999 -> 10000-32767
+        return range(10_000, low)
+    return range(max(high + 1, 2_000), 65_536)
+
+
+def _bindable(port: int) -> bool:
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((host, port))
+        except OSError as exc:
+            if family == socket.AF_INET6 and not socket.has_ipv6:
+                continue
+            if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue  # no IPv6 on this machine: nothing can hold the port there
+            return False
+    return True
+
+
+_HANDED_OUT: set[int] = set()
+_PORT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port for a server a test starts a moment later.
+
+    Not bind(0): that returns a port from the kernel's ephemeral range, and in the moment between closing the
+    probe and the server's bind, any outgoing connection (a health check, the gateway dialling a bank) may be
+    given the same port as its local end — "Address already in use", seen once in CI. Ports below the
+    ephemeral range are never handed to outgoing connections; each is checked free on every address the
+    servers bind, and never handed out twice by this process (a handed-out port is free until its server binds).
+    """
+    candidates = _listen_candidates()
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    with _PORT_LOCK:
+        for _ in range(500):
+            port = rng.choice(candidates)
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
+                return port
+    raise RuntimeError(f"no free TCP port in {candidates.start}-{candidates.stop - 1} after 500 tries")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
