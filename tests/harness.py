@@ -47,7 +47,7 @@ def _listen_candidates() -> range:
     low, high = _ephemeral_range()
     if low - 10_000 >= 2_000:  # Linux default 32768-60999 -> 10000-32767
         return range(10_000, low)
-    return range(max(high + 1, 2_000), 65_536)
+    return range(max(high + 1, 2_000), 65_536)  # may be empty: free_port() then falls back to bind(0)
 
 
 def _bindable(port: int) -> bool:
@@ -81,6 +81,15 @@ def free_port() -> int:
     servers bind, and never handed out twice by this process (a handed-out port is free until its server binds).
     """
     candidates = _listen_candidates()
+    if len(candidates) < 1000:  # an unusual machine whose ephemeral range covers (nearly) every port
+        with _PORT_LOCK:
+            while True:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                if port not in _HANDED_OUT:
+                    _HANDED_OUT.add(port)
+                    return port
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     with _PORT_LOCK:
         for _ in range(500):

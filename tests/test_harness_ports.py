@@ -45,3 +45,12 @@ def test_outgoing_connections_never_get_a_handed_out_port() -> None:
     assert all(low <= p <= high for p in local_ports)
     handed_out = {free_port() for _ in range(50)}
     assert not handed_out & local_ports
+
+
+def test_a_machine_whose_ephemeral_range_covers_every_port_still_gets_ports(monkeypatch) -> None:
+    import tests.harness as harness
+    monkeypatch.setattr(harness, "_ephemeral_range", lambda: (1024, 65535))
+    assert len(harness._listen_candidates()) == 0
+    ports = [harness.free_port() for _ in range(20)]
+    assert len(set(ports)) == 20
+    assert all(harness._bindable(p) for p in ports)
