@@ -59,12 +59,16 @@ def _bindable(port: int) -> bool:
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind((host, port))
         except OSError as exc:
-            if family == socket.AF_INET6 and not socket.has_ipv6:
-                continue
             if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 continue  # no IPv6 on this machine: nothing can hold the port there
             return False
     return True
+
+
+def _any_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 _HANDED_OUT: set[int] = set()
@@ -79,25 +83,22 @@ def free_port() -> int:
     given the same port as its local end — "Address already in use", seen once in CI. Ports below the
     ephemeral range are never handed to outgoing connections; each is checked free on every address the
     servers bind, and never handed out twice by this process (a handed-out port is free until its server binds).
+    On a machine whose ephemeral range leaves too few ports outside it, bind(0) is all there is.
     """
     candidates = _listen_candidates()
-    if len(candidates) < 1000:  # an unusual machine whose ephemeral range covers (nearly) every port
-        with _PORT_LOCK:
-            while True:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                if port not in _HANDED_OUT:
-                    _HANDED_OUT.add(port)
-                    return port
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     with _PORT_LOCK:
         for _ in range(500):
-            port = rng.choice(candidates)
-            if port not in _HANDED_OUT and _bindable(port):
+            if len(candidates) >= 1000:
+                port = rng.choice(candidates)
+                if not _bindable(port):
+                    continue
+            else:
+                port = _any_port()
+            if port not in _HANDED_OUT:
                 _HANDED_OUT.add(port)
                 return port
-    raise RuntimeError(f"no free TCP port in {candidates.start}-{candidates.stop - 1} after 500 tries")
+    raise RuntimeError(f"no free TCP port found in 500 tries (outside the ephemeral range: {candidates})")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
