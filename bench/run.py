@@ -24,6 +24,7 @@ from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import Cluster, free_port, health_ok, make_certs, wait_until
 
+from bench.ceiling import sequential_rate as bare_contract_rate
 from bench.starter import DEFAULT_STARTER, Starter
 from bench.wallet import drain_rate, startup_seconds
 
@@ -123,7 +124,8 @@ def replay_caller(stub: pbg.PaymentGatewayStub, token: str, prefix: str, count: 
 
 def bench_strife(work: Path, n: int, quick: bool) -> dict[str, float]:
     certs = make_certs(work / "certs")
-    results: dict[str, float] = {"floor": floor_rate(certs, n)}
+    results: dict[str, float] = {"floor": floor_rate(certs, n),
+                                 "bare_path": bare_contract_rate(certs, work / "ceiling", sync=True, payments=n)}
     cluster = Cluster(root=work / "strife", certs_dir=certs, txn_timeout=5.0).start()
     try:
         client = cluster.client("alice")
@@ -242,7 +244,8 @@ def median_of(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 def summary(s: dict[str, float], b: dict[str, float]) -> str:
-    line = (f"floor {s['floor']:.0f}/s, sequential {s['sequential']:.0f}/s, concurrent {s['concurrent']:.0f}/s,"
+    line = (f"floor {s['floor']:.0f}/s, bare path {s['bare_path']:.0f}/s, sequential {s['sequential']:.0f}/s,"
+            f" concurrent {s['concurrent']:.0f}/s,"
             f" replay {s['replay']:.0f}/s, drain {s['drain']:.0f}/s")
     if b:
         line += (f"; starter {b['sequential']:.0f} / {b['concurrent']:.0f}/s → {s['sequential'] / b['sequential']:.1f}x"
@@ -261,6 +264,9 @@ def print_table(s: dict[str, float], b: dict[str, float]) -> None:
         ("sequential payments /s", f"{s['sequential']:.0f}", theirs("{:.0f}", "sequential"),
          f"{s['sequential'] / b['sequential']:.1f}x starter, {s['sequential'] / ceiling:.0%} of floor/3" if b else
          f"{s['sequential'] / ceiling:.0%} of floor/3"),
+        ("bare contract path /s (no Strife code)", f"{s['bare_path']:.0f}", "",
+         f"sequential is {s['sequential'] / s['bare_path']:.0%} of it"
+         + (f"; 5x starter would be {5 * b['sequential'] / s['bare_path']:.0%}" if b else "")),
         ("concurrent payments /s (16 threads)", f"{s['concurrent']:.0f}", theirs("{:.0f}", "concurrent"),
          f"{s['concurrent'] / b['concurrent']:.1f}x starter" if b else ""),
         ("payment latency p50 / p99 ms", f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f}",

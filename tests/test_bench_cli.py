@@ -1,14 +1,18 @@
-"""The benchmark's command line: where the starter is looked for, and a table that says when it did not run."""
+"""The benchmark's command line: where the starter is looked for, a table that says when it did not run, and
+the bare contract path it compares sequential payments with."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import sqlite3
+
 import pytest
 
-from bench import run
+from bench import ceiling, run
 from bench.starter import DEFAULT_STARTER
+from tests.harness import make_certs
 
-STRIFE = {"floor": 1500.0, "sequential": 250.0, "concurrent": 600.0, "p50_ms": 4.0, "p99_ms": 7.0,
+STRIFE = {"floor": 1500.0, "bare_path": 400.0, "sequential": 250.0, "concurrent": 600.0, "p50_ms": 4.0, "p99_ms": 7.0,
           "replay": 1000.0, "replay_1k_keys": 1000.0, "replay_100k_keys": 950.0, "rss_payments": 20000.0,
           "rss_before_mb": 73.0, "rss_after_mb": 75.0, "drain_count": 500.0, "drain": 180.0,
           "drain_exactly_once": 1.0, "wallet_startup_s": 0.4}
@@ -56,4 +60,17 @@ def test_the_table_compares_with_the_starter_when_it_ran(capsys) -> None:  # typ
     sequential = next(line for line in lines if line.startswith("sequential"))
     concurrent = next(line for line in lines if line.startswith("concurrent"))
     assert "5.0x starter, 50% of floor/3" in sequential and " 50 " in sequential
+    bare = next(line for line in lines if line.startswith("bare contract path"))
+    assert "sequential is 62% of it; 5x starter would be 62%" in bare
     assert "5.0x starter" in concurrent and "not run" not in "\n".join(lines)
+
+
+def test_the_bare_contract_path_makes_every_durable_write_the_contract_orders(tmp_path: Path) -> None:
+    """Gateway: the key and the decision; each bank: its vote and its commit — two rows each per payment."""
+    certs = make_certs(tmp_path / "certs")
+    rate = ceiling.sequential_rate(certs, tmp_path / "bare", sync=True, payments=50)
+    rows = {db.name: sqlite3.connect(db).execute("SELECT count(*) FROM j").fetchone()[0]
+            for db in (tmp_path / "bare").glob("*.db")}
+    assert len(rows) == 3 and rate > 0
+    assert len(set(rows.values())) == 1, rows  # every payment reached both banks, twice
+    assert rows["gateway.db"] >= 2 * (50 + 200)  # the measured payments and the warm-up, each written twice
