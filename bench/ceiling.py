@@ -122,6 +122,8 @@ def sequential_rate(certs: Path, work: Path, sync: bool, payments: int) -> float
             pay = channel.unary_unary(PAY)
 
             def up() -> bool:
+                if any(proc.poll() is not None for proc in procs):
+                    raise RuntimeError("a bare server exited at start (its error is above)")
                 try:
                     return pay(b"warm", timeout=1) == b"ok"
                 except grpc.RpcError:
