@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--payments", type=int, default=2000)
     args = parser.parse_args(argv)
+    if args.payments < 1:
+        parser.error("--payments must be at least 1")
     from tests.harness import make_certs
     with tempfile.TemporaryDirectory(prefix="strife-ceiling-") as tmp:
         certs = make_certs(Path(tmp) / "certs")

@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.payments < MIN_PAYMENTS:
+        parser.error(f"--payments must be at least {MIN_PAYMENTS} (the concurrent run spreads twice that over 16"
+                     " threads)")
     try:
         starter_dir = find_starter(args.starter)
     except ValueError as exc:
@@ -220,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 ALL_MUST_HOLD = ("conserved", "drain_exactly_once")
+MIN_PAYMENTS = 50
 
 
 def find_starter(given: Path | None) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import sqlite3
+import tempfile
 
 import pytest
 
@@ -44,6 +45,21 @@ def test_a_bad_starter_argument_is_refused_before_anything_runs(tmp_path: Path, 
         run.main(["--starter", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert "--starter" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("main, argv, error", [
+    (run.main, ["--payments", "0"], "--payments must be at least 50"),
+    (run.main, ["--payments", "7"], "--payments must be at least 50"),
+    (run.main, ["--repeat", "0"], "--repeat must be at least 1"),
+    (ceiling.main, ["--payments", "0"], "--payments must be at least 1"),
+])
+def test_bad_counts_are_refused_before_anything_runs(main, argv, error, tmp_path: Path, capsys,  # type: ignore[no-untyped-def]
+                                                     monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a run would make its sandbox
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and error in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no sandbox was made, no server started
 
 
 def test_the_table_says_the_starter_did_not_run_instead_of_showing_nan(capsys) -> None:  # type: ignore[no-untyped-def]
