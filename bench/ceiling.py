@@ -67,6 +67,15 @@ def _service(path: str, method: grpc.RpcMethodHandler) -> grpc.GenericRpcHandler
     return grpc.method_handlers_generic_handler(service, {name: method})
 
 
+async def _serve(handler: grpc.GenericRpcHandler, port: int, credentials: grpc.ServerCredentials) -> None:
+    """Serve `handler` as Strife's servers serve theirs (serving.make_server and serving.bind), until killed."""
+    server = serving.make_server([])
+    server.add_generic_rpc_handlers([handler])
+    serving.bind(server, port, credentials)
+    await server.start()
+    await server.wait_for_termination()
+
+
 async def serve_bank(certs: Path, port: int, data: Path, sync: bool) -> None:
     journal = Journal(data, sync)
 
@@ -75,11 +84,8 @@ async def serve_bank(certs: Path, port: int, data: Path, sync: bool) -> None:
             journal.write(message)
             yield message
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers([_service(EXCHANGE, grpc.stream_stream_rpc_method_handler(exchange))])
-    server.add_secure_port(f"localhost:{port}", serving.server_credentials(certs, "SBI", require_client_auth=True))
-    await server.start()
-    await server.wait_for_termination()
+    await _serve(_service(EXCHANGE, grpc.stream_stream_rpc_method_handler(exchange)), port,
+                 serving.server_credentials(certs, "SBI", require_client_auth=True))
 
 
 async def serve_gateway(certs: Path, port: int, data: Path, sync: bool, bank_ports: list[int]) -> None:
@@ -99,11 +105,8 @@ async def serve_gateway(certs: Path, port: int, data: Path, sync: bool, bank_por
         await asyncio.gather(*(round_trip(s, b"commit" + request) for s in streams))
         return b"ok"
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers([_service(PAY, grpc.unary_unary_rpc_method_handler(pay))])
-    server.add_secure_port(f"localhost:{port}", serving.server_credentials(certs, "gateway", require_client_auth=False))
-    await server.start()
-    await server.wait_for_termination()
+    await _serve(_service(PAY, grpc.unary_unary_rpc_method_handler(pay)), port,
+                 serving.server_credentials(certs, "gateway", require_client_auth=False))
 
 
 def sequential_rate(certs: Path, work: Path, sync: bool, payments: int) -> float:

@@ -3,10 +3,10 @@
 A 2PC call is a message with an id, answered by a reply with the same id. Messages queued for a bank leave
 together in one frame (one write), one frame in flight at a time; the bank applies a frame in one transaction
 and answers it in one frame: under load, N payments cost one stream write, one fsync and one read per bank
-instead of N, and a lone payment waits for nothing. Each call waits under its own deadline (a timer, not a task), so a silent bank costs exactly the
-timeout. If the stream breaks (the bank died or restarted), every waiting call fails as UNAVAILABLE and the
-next call opens a new stream; the channel reconnects within a second (serving.CHANNEL_OPTIONS). Unary RPCs
-(GetBalance) use the same channel.
+instead of N, and a lone payment waits for nothing. Each call waits under its own deadline (a timer, not a
+task), so a silent bank costs exactly the timeout. If the stream breaks (the bank died or restarted), every
+waiting call fails as UNAVAILABLE and the next call opens a new stream; the channel reconnects within a
+second (serving.CHANNEL_OPTIONS). Unary RPCs (GetBalance) use the same channel.
 """
 from __future__ import annotations
 
