@@ -67,7 +67,7 @@ def test_the_table_says_the_starter_did_not_run_instead_of_showing_nan(capsys) -
     table = capsys.readouterr().out
     assert "nan" not in table
     sequential = next(line for line in table.splitlines() if line.startswith("sequential"))
-    assert "not run" in sequential and "50% of floor/3" in sequential and "starter," not in sequential
+    assert "not run" in sequential and "50.0% of floor/3" in sequential and "starter," not in sequential
 
 
 def test_the_table_compares_with_the_starter_when_it_ran(capsys) -> None:  # type: ignore[no-untyped-def]
@@ -75,10 +75,18 @@ def test_the_table_compares_with_the_starter_when_it_ran(capsys) -> None:  # typ
     lines = capsys.readouterr().out.splitlines()
     sequential = next(line for line in lines if line.startswith("sequential"))
     concurrent = next(line for line in lines if line.startswith("concurrent"))
-    assert "5.0x starter, 50% of floor/3" in sequential and " 50 " in sequential
+    assert "5.00x starter, 50.0% of floor/3" in sequential and " 50 " in sequential
     bare = next(line for line in lines if line.startswith("bare contract path"))
     assert "sequential is 62% of it; 5x starter would be 62%" in bare
-    assert "5.0x starter" in concurrent and "not run" not in "\n".join(lines)
+    assert "5.00x starter" in concurrent and "not run" not in "\n".join(lines)
+
+
+def test_a_ratio_just_below_a_target_is_not_rounded_up_to_it(capsys) -> None:  # type: ignore[no-untyped-def]
+    starter = {"sequential": STRIFE["sequential"] / 4.98, "concurrent": STRIFE["concurrent"] / 4.98}
+    run.print_table(STRIFE, {**starter, "p50_ms": 19.0, "p99_ms": 40.0})
+    table = capsys.readouterr().out
+    assert "4.98x starter" in table and "5.0x" not in table
+    assert "4.98x / 4.98x" in run.summary(STRIFE, starter)
 
 
 def test_the_bare_contract_path_makes_every_durable_write_the_contract_orders(tmp_path: Path) -> None:
