@@ -247,8 +247,8 @@ def median_of(results: list[dict[str, float]]) -> dict[str, float]:
             for k in keys}
 
 
-# Ratios and shares that a target is judged by keep two significant decimals: rounded to one, a run at
-# 4.98x the starter printed as "5.0x".
+# Ratios that a target is judged by print with two decimal places and shares of the floor with one: rounded
+# to one place, a run at 4.98x the starter printed as "5.0x".
 def summary(s: dict[str, float], b: dict[str, float]) -> str:
     line = (f"floor {s['floor']:.0f}/s, bare path {s['bare_path']:.0f}/s, sequential {s['sequential']:.0f}/s,"
             f" concurrent {s['concurrent']:.0f}/s,"
