@@ -247,15 +247,19 @@ def median_of(results: list[dict[str, float]]) -> dict[str, float]:
             for k in keys}
 
 
-# Ratios that a target is judged by print with two decimal places and shares of the floor with one: rounded
-# to one place, a run at 4.98x the starter printed as "5.0x".
+def times(value: float, of: float) -> str:
+    """A ratio a target is judged by, to two decimal places: rounded to one, a run at 4.98x the starter
+    printed as "5.0x". (Shares of floor/3 likewise keep one decimal place.)"""
+    return f"{value / of:.2f}x"
+
+
 def summary(s: dict[str, float], b: dict[str, float]) -> str:
     line = (f"floor {s['floor']:.0f}/s, bare path {s['bare_path']:.0f}/s, sequential {s['sequential']:.0f}/s,"
             f" concurrent {s['concurrent']:.0f}/s,"
             f" replay {s['replay']:.0f}/s, drain {s['drain']:.0f}/s")
     if b:
-        line += (f"; starter {b['sequential']:.0f} / {b['concurrent']:.0f}/s → {s['sequential'] / b['sequential']:.2f}x"
-                 f" / {s['concurrent'] / b['concurrent']:.2f}x")
+        line += (f"; starter {b['sequential']:.0f} / {b['concurrent']:.0f}/s →"
+                 f" {times(s['sequential'], b['sequential'])} / {times(s['concurrent'], b['concurrent'])}")
     return line
 
 
@@ -268,16 +272,16 @@ def print_table(s: dict[str, float], b: dict[str, float]) -> None:
     rows = [
         ("floor: bare TLS health check /s", f"{s['floor']:.0f}", "", ""),
         ("sequential payments /s", f"{s['sequential']:.0f}", theirs("{:.0f}", "sequential"),
-         f"{s['sequential'] / b['sequential']:.2f}x starter, {s['sequential'] / ceiling:.1%} of floor/3" if b else
+         f"{times(s['sequential'], b['sequential'])} starter, {s['sequential'] / ceiling:.1%} of floor/3" if b else
          f"{s['sequential'] / ceiling:.1%} of floor/3"),
         ("bare contract path /s (no Strife code)", f"{s['bare_path']:.0f}", "",
          f"sequential is {s['sequential'] / s['bare_path']:.0%} of it"
          + (f"; 5x starter would be {5 * b['sequential'] / s['bare_path']:.0%}" if b else "")),
         ("concurrent payments /s (16 threads)", f"{s['concurrent']:.0f}", theirs("{:.0f}", "concurrent"),
-         f"{s['concurrent'] / b['concurrent']:.2f}x starter" if b else ""),
+         f"{times(s['concurrent'], b['concurrent'])} starter" if b else ""),
         ("payment latency p50 / p99 ms", f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f}",
          theirs("{:.1f} / {:.1f}", "p50_ms", "p99_ms"), ""),
-        ("replays /s (same key)", f"{s['replay']:.0f}", "", f"{s['replay'] / s['sequential']:.2f}x sequential"),
+        ("replays /s (same key)", f"{s['replay']:.0f}", "", f"{times(s['replay'], s['sequential'])} sequential"),
         ("replays /s, 1k vs 100k keys", f"{s['replay_1k_keys']:.0f} / {s['replay_100k_keys']:.0f}", "",
          f"{s['replay_100k_keys'] / s['replay_1k_keys']:.0%}"),
         (f"gateway RSS MB before / after {s['rss_payments']:.0f} payments",
