@@ -13,8 +13,14 @@ from typing import Any, Callable, Iterator, TypeVar
 T = TypeVar("T")
 
 
-# How many pages the WAL holds before SQLite checkpoints it (its default, set explicitly below).
-WAL_CHECKPOINT_PAGES = 1000
+# The page size of every database this store creates (an existing database keeps its own). A commit writes
+# each page it changed to the WAL as a frame of page size + 24 bytes, and its fsync flushes every file-system
+# block those frames touch: a payment's claim changes ≈ 7 pages (rows and index entries), which at SQLite's
+# default 4,096 bytes is ≈ 29 KB — each frame straddling two blocks — and at 1,024 bytes ≈ 7 KB. In interleaved
+# rounds of real clusters: sequential payments 1.07–1.10× (8–10 rounds each), concurrent 0.97 and 1.10.
+PAGE_SIZE = 1024
+# How many pages the WAL holds before SQLite checkpoints it: 4 MB, SQLite's default of 1,000 pages of 4 KB.
+WAL_CHECKPOINT_PAGES = 4 * 1024 * 1024 // PAGE_SIZE
 
 
 def preallocate_wal(path: Path, page_size: int) -> None:
@@ -57,6 +63,7 @@ class SQLiteStore:
         bootstrap = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         try:
             bootstrap.execute("PRAGMA busy_timeout=30000")
+            bootstrap.execute(f"PRAGMA page_size={PAGE_SIZE}")  # takes effect only on a new, empty file
             bootstrap.execute("PRAGMA journal_mode=WAL")
             bootstrap.execute("BEGIN IMMEDIATE")
             for statement in filter(str.strip, schema.split(";")):
