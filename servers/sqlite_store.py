@@ -14,13 +14,17 @@ T = TypeVar("T")
 
 
 # The page size of every database this store creates (an existing database keeps its own). A commit writes
-# each page it changed to the WAL as a frame of page size + 24 bytes, and its fsync flushes every file-system
-# block those frames touch: a payment's claim changes ≈ 7 pages (rows and index entries), which at SQLite's
-# default 4,096 bytes is ≈ 29 KB — each frame straddling two blocks — and at 1,024 bytes ≈ 7 KB. In interleaved
-# rounds of real clusters: sequential payments 1.07–1.10× (8–10 rounds each), concurrent 0.97 and 1.10.
+# each page it changed to the WAL as a frame of page size + 24 bytes, and its fsync flushes every disk block
+# those frames touch; a payment's commits change 3–14 pages (rows and index entries): 3–14 KB with 1 KB pages,
+# 12–58 KB with SQLite's default 4 KB. In interleaved rounds of real clusters: sequential payments 1.07–1.10×
+# (three sets of 8–10 rounds), concurrent neutral (0.88–1.10 in four sets, CPU per payment 0.99×).
 PAGE_SIZE = 1024
-# How many pages the WAL holds before SQLite checkpoints it: 4 MB, SQLite's default of 1,000 pages of 4 KB.
-WAL_CHECKPOINT_PAGES = 4 * 1024 * 1024 // PAGE_SIZE
+# How much the WAL holds before SQLite checkpoints it: SQLite's default (1,000 pages of 4 KB), in bytes.
+WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
+
+
+def wal_checkpoint_pages(page_size: int) -> int:
+    return WAL_CHECKPOINT_BYTES // page_size
 
 
 def preallocate_wal(path: Path, page_size: int) -> None:
@@ -40,7 +44,7 @@ def preallocate_wal(path: Path, page_size: int) -> None:
     try:
         with open(tmp, "wb") as f:
             # A checkpoint runs after the commit that crosses the threshold: leave room for that commit.
-            f.write(bytes(32 + (WAL_CHECKPOINT_PAGES + 128) * (page_size + 24)))
+            f.write(bytes(32 + (wal_checkpoint_pages(page_size) + 128) * (page_size + 24)))
             f.flush()
             os.fsync(f.fileno())
         os.link(tmp, wal)
@@ -69,11 +73,11 @@ class SQLiteStore:
             for statement in filter(str.strip, schema.split(";")):
                 bootstrap.execute(statement)
             bootstrap.execute("COMMIT")
-            page_size = bootstrap.execute("PRAGMA page_size").fetchone()[0]
+            self.page_size: int = bootstrap.execute("PRAGMA page_size").fetchone()[0]
         finally:
             bootstrap.close()
         if preallocate:  # the servers: a few MB written once at start for cheaper commits ever after
-            preallocate_wal(self.path, page_size)
+            preallocate_wal(self.path, self.page_size)
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (made on first use)."""
@@ -89,7 +93,7 @@ class SQLiteStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+        db.execute(f"PRAGMA wal_autocheckpoint={wal_checkpoint_pages(self.page_size)}")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=30000")
         with self._lock:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from servers.sqlite_store import PAGE_SIZE, WAL_CHECKPOINT_PAGES, GroupCommitter, SQLiteStore, preallocate_wal
+from servers.sqlite_store import PAGE_SIZE, WAL_CHECKPOINT_BYTES, GroupCommitter, SQLiteStore, preallocate_wal
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL CHECK (v >= 0))"
 
@@ -98,7 +98,7 @@ def test_a_server_store_starts_with_a_preallocated_wal(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     store = SQLiteStore(path, SCHEMA, preallocate=True)
     wal = path.with_name(path.name + "-wal")
-    assert wal.stat().st_size >= WAL_CHECKPOINT_PAGES * PAGE_SIZE
+    assert wal.stat().st_size >= WAL_CHECKPOINT_BYTES
     with store.transaction() as db:
         put(db, "k", 7)
     assert on_disk(path) == {"k": 7}
@@ -121,11 +121,13 @@ def page_size(path: Path) -> int:
 
 def test_a_new_database_gets_small_pages_and_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
     fresh = tmp_path / "fresh.sqlite3"
-    SQLiteStore(fresh, SCHEMA, preallocate=True).close()
+    store = SQLiteStore(fresh, SCHEMA, preallocate=True)
+    assert store.connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_BYTES // PAGE_SIZE
+    store.close()
     assert page_size(fresh) == PAGE_SIZE < 4096
 
     # A database made before (SQLite's default 4 KB pages) opens with its rows and its page size unchanged,
-    # and its WAL is preallocated for that page size.
+    # and its WAL is preallocated and checkpointed at the same size in bytes.
     old = tmp_path / "old.sqlite3"
     db = sqlite3.connect(old, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
@@ -134,7 +136,8 @@ def test_a_new_database_gets_small_pages_and_an_existing_one_keeps_its_own(tmp_p
     db.close()
     assert page_size(old) == 4096
     store = SQLiteStore(old, SCHEMA, preallocate=True)
-    assert old.with_name(old.name + "-wal").stat().st_size >= WAL_CHECKPOINT_PAGES * 4096
+    assert WAL_CHECKPOINT_BYTES <= old.with_name(old.name + "-wal").stat().st_size < 2 * WAL_CHECKPOINT_BYTES
+    assert store.connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_BYTES // 4096
     with store.transaction() as conn:
         put(conn, "after", 2)
     store.close()
