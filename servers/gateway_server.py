@@ -24,7 +24,8 @@ from protofiles import payment_pb2, payment_pb2_grpc
 from servers import serving
 from servers.config import ConfigError, User, load_banks, load_users, verify_password
 from servers.coordinator import STATUS_ENUM, Banks, Coordinator
-from servers.idempotency import ClaimKind, Payment, PaymentStore
+from servers.faults import delay_at
+from servers.idempotency import Claim, ClaimKind, Payment, PaymentStore
 from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, current_user, note
 from servers.liveness import Owner
 from servers.money import MoneyError, bank_of, paise_to_rupees, rupees_to_paise
@@ -163,9 +164,21 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         # One indexed read in the claim's transaction tells a new key from a replay, a mismatch or a payment
         # in flight. (A separate read before it, to serve replays outside the write path, cost new payments
         # ≈ 0.1 ms of the loop: that connection's page cache is dropped by every commit of the committer's.)
-        claim = await self.db.run(self.store.claim_in, username, key, request.from_account, request.to_account,
-                                  amount)
-        self.store.forget_previous_owner(claim)
+        # A claim that commits makes this process the payment's executor, so the payment must run even if the
+        # caller is gone by then (hung up, or its deadline passed) — else the key would be "in flight" to every
+        # retry for as long as this process lives. So the claim is shielded from the caller's cancellation,
+        # and a caller that goes away meanwhile leaves its payment to be started once the claim is in.
+        claim_write = self.db.submit(self.store.claim_in, username, key, request.from_account, request.to_account,
+                                     amount)
+        try:
+            claim = await asyncio.shield(claim_write)
+            self.store.forget_previous_owner(claim)
+            delay = delay_at("after_claim")
+            if delay:
+                await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            claim_write.add_done_callback(self._run_claim_of_gone_caller)
+            raise
         if claim.kind is ClaimKind.MISMATCH:
             note(retry_kind="mismatch")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -181,14 +194,26 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         note(txn=payment.txn_id)
         if claim.kind is ClaimKind.RESUMED:
             note(retry_kind="resumed")
-        # The payment runs as a task of its own: a caller that hangs up (or whose deadline passes) must not
-        # cancel it halfway; its outcome is stored and the retry gets it.
+        # The payment runs as a task of its own, shielded too: its outcome is stored and a retry gets it.
+        response = await asyncio.shield(self._run(payment))
+        note(outcome=payment_pb2.PaymentStatus.Name(response.status).removeprefix("PAYMENT_STATUS_").lower())
+        return response
+
+    def _run(self, payment: Payment) -> "asyncio.Task[payment_pb2.PaymentResponse]":
         task = asyncio.ensure_future(self.coordinator.run(payment))
         self.running.add(task)
         task.add_done_callback(self.running.discard)
-        response = await asyncio.shield(task)
-        note(outcome=payment_pb2.PaymentStatus.Name(response.status).removeprefix("PAYMENT_STATUS_").lower())
-        return response
+        return task
+
+    def _run_claim_of_gone_caller(self, claim_write: "asyncio.Future[Claim]") -> None:
+        """The caller went away before its claim was in: if the claim made this process the payment's
+        executor, run the payment all the same."""
+        if claim_write.cancelled() or claim_write.exception() is not None:
+            return  # nothing was claimed
+        claim = claim_write.result()
+        self.store.forget_previous_owner(claim)
+        if claim.kind in (ClaimKind.NEW, ClaimKind.RESUMED):
+            self._run(claim.payment)
 
     async def GetBalance(self, request: payment_pb2.GatewayBalanceRequest,
                          context: grpc.aio.ServicerContext) -> payment_pb2.GatewayBalanceResponse:

@@ -140,6 +140,9 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
                 except grpc.aio.AbortError:
                     raise
+                except asyncio.CancelledError:  # the caller hung up, or its deadline passed
+                    code = grpc.StatusCode.CANCELLED
+                    raise
                 except Exception:
                     code = grpc.StatusCode.UNKNOWN
                     raise

@@ -79,11 +79,16 @@ def owner_pid(locked_by: str | None) -> int | None:
 # ---- processes -------------------------------------------------------------------------------------------------
 def start_with_gateway_crash_at(make_cluster: MakeCluster, point: str, **kwargs) -> Cluster:
     """Banks and a gateway armed to SIGKILL itself when a payment reaches `point`."""
+    return start_with_gateway_env(make_cluster, {"STRIFE_CRASH_AT": point}, **kwargs)
+
+
+def start_with_gateway_env(make_cluster: MakeCluster, env: dict[str, str], **kwargs) -> Cluster:
+    """Banks and a gateway with `env` (a crash or delay point) in its environment."""
     cluster = make_cluster(start=False, **{"txn_timeout": TXN_TIMEOUT, **kwargs})
     for bank in OPENING:
         cluster.procs[bank] = cluster.bank_proc(bank).start()
     gateway = cluster.gateway_proc()
-    gateway.env = {"STRIFE_CRASH_AT": point}
+    gateway.env = env
     cluster.procs["gateway"] = gateway.start()
     for bank in OPENING:
         cluster.wait_bank(bank)
@@ -157,6 +162,29 @@ def test_retry_after_lost_reply_debits_once(cluster: Cluster) -> None:
         assert_conserved(cluster)
     finally:
         proxy.close()
+
+
+def test_a_caller_gone_right_after_its_key_is_claimed_does_not_leave_the_key_in_flight(make_cluster: MakeCluster
+                                                                                       ) -> None:
+    """Found by the chaos run (seed 20461, in CI): a wallet's call was cancelled (its link cut) while its claim
+    was being committed. The claim made the live gateway the payment's executor, but the cancelled handler never
+    started the payment: every retry got ABORTED ("still being processed") for as long as the gateway lived, and
+    the cancelled call was logged as OK. Here the gateway waits just after each claim until the caller's deadline
+    has passed. The payment must still run, once, and a retry get its outcome."""
+    cluster = start_with_gateway_env(make_cluster, {"STRIFE_DELAY_AT": "after_claim:1.0"})
+    alice = cluster.client("alice")
+    k = key()
+    with pytest.raises(grpc.RpcError) as gone:
+        alice.pay(k, "SBI-1001", "HDFC-2001", 12.50, timeout=0.3)
+    assert gone.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    final = alice.pay_until_final(k, "SBI-1001", "HDFC-2001", 12.50, deadline=10)
+    assert final.status == SUCCEEDED
+    wait_settled(cluster)
+    assert_settled_once(cluster, k, final.transaction_id, moved=True, paise=1_250)
+    # The cut-off call's log line says so (it had read "OK").
+    first = wait_until(lambda: next((line for line in cluster.procs["gateway"].log().splitlines()
+                                     if f"key={k}" in line), None), 5, message="the first call's line")
+    assert "status=CANCELLED" in first, first
 
 
 def test_replay_after_gateway_restart_returns_stored_response_without_new_debit(cluster: Cluster) -> None:
