@@ -164,8 +164,7 @@ def test_retry_after_lost_reply_debits_once(cluster: Cluster) -> None:
         proxy.close()
 
 
-def test_a_caller_gone_right_after_its_key_is_claimed_does_not_leave_the_key_in_flight(make_cluster: MakeCluster
-                                                                                       ) -> None:
+def test_a_caller_gone_just_after_its_claim_leaves_no_key_in_flight(make_cluster: MakeCluster) -> None:
     """Found by the chaos run (seed 20461, in CI): a wallet's call was cancelled (its link cut) while its claim
     was being committed. The claim made the live gateway the payment's executor, but the cancelled handler never
     started the payment: every retry got ABORTED ("still being processed") for as long as the gateway lived, and
