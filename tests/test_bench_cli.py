@@ -2,10 +2,9 @@
 the bare contract path it compares sequential payments with."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import sqlite3
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +12,10 @@ from bench import ceiling, run
 from bench.starter import DEFAULT_STARTER
 from tests.harness import make_certs
 
-STRIFE = {"floor": 1500.0, "bare_path": 400.0, "sequential": 250.0, "concurrent": 600.0, "p50_ms": 4.0, "p99_ms": 7.0,
-          "replay": 1000.0, "replay_1k_keys": 1000.0, "replay_100k_keys": 950.0, "rss_payments": 20000.0,
-          "rss_before_mb": 73.0, "rss_after_mb": 75.0, "drain_count": 500.0, "drain": 180.0,
-          "drain_exactly_once": 1.0, "wallet_startup_s": 0.4}
+STRIFE = {"floor": 1500.0, "bare_path": 400.0, "sequential": 250.0, "concurrent": 600.0, "p50_ms": 4.0,
+          "p99_ms": 7.0, "replay": 1000.0, "replay_1k_keys": 1000.0, "replay_100k_keys": 950.0,
+          "rss_payments": 20000.0, "rss_before_mb": 73.0, "rss_after_mb": 75.0, "drain_count": 500.0,
+          "drain": 180.0, "drain_exactly_once": 1.0, "wallet_startup_s": 0.4}
 
 
 def _starter_like(folder: Path) -> Path:
