@@ -13,21 +13,11 @@ import grpc
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import (OPENING, PASSWORDS, REPO, certs_module_client_credentials, free_port, health_ok,
-                           wait_until, write_config)
+                           server_processes, wait_until, write_config)
 
 
 def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and "servers." in cmdline:
-            pids.append(int(entry.name))
-    return pids
+    return list(server_processes(text))
 
 
 def test_run_all_servers_only_starts_everything_and_sigterm_stops_everything(tmp_path: Path) -> None:
