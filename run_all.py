@@ -4,11 +4,14 @@
     python run_all.py --servers-only   # servers only, until Ctrl+C / SIGTERM
 
 Server logs go to <data-dir>/logs/<name>.log, never over the wallet's screen. Quitting the wallet (or
-Ctrl+C / SIGTERM) stops every server this script started.
+Ctrl+C / SIGTERM) stops every server this script started. A server that exits on its own meanwhile is
+restarted with backoff, and given up on if it keeps exiting (servers/supervisor.py); run_all's own log of
+that is <data-dir>/logs/run_all.log (and its output too, with --servers-only).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import signal
 import subprocess
@@ -16,18 +19,21 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from servers import certs
 from servers.config import ConfigError, load_banks
+from servers.supervisor import RESTART_HELP, Supervisor, add_restart_arguments, open_log, restart_policy
 
 HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Start the Strife banks, gateway and wallet.")
+    parser = argparse.ArgumentParser(description="Start the Strife banks, gateway and wallet.",
+                                     epilog=RESTART_HELP)
     parser.add_argument("--config-dir", type=Path, default=Path("config"))
     parser.add_argument("--certs-dir", type=Path, default=Path("certificates"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -36,26 +42,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--poll-interval", type=float, default=None, help="passed to the wallet")
     parser.add_argument("--servers-only", action="store_true", help="run the servers until Ctrl+C / SIGTERM")
     parser.add_argument("--startup-timeout", type=float, default=30.0)
+    add_restart_arguments(parser)
     return parser.parse_args(argv)
+
+
+def _find_prctl() -> Callable[..., int] | None:
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: Ctrl+C / SIGTERM still stop them
+        return None
+
+
+# Looked up here, not in the child: a restart forks while other threads run, and a child of a threaded
+# process must not import or load a library before exec (a lock held by another thread stays held in it).
+_PRCTL = _find_prctl()
 
 
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if run_all itself dies (even by SIGKILL), so no server is left orphaned."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux: Ctrl+C / SIGTERM still stop them
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
 
 
 class Server:
     def __init__(self, name: str, args: list[str], log_path: Path) -> None:
         self.name = name
+        self.args = args
         self.log_path = log_path
+        self.health_check: Callable[[], bool] | None = None  # set once its address and credentials are known
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        self.start()
+
+    def start(self) -> None:
+        """Start (or, for the supervisor, start again) the process; its output is appended to its log."""
+        with open(self.log_path, "ab") as log:
             # A session of its own: Ctrl+C typed in the wallet must not reach the servers; we stop them.
-            self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=HERE, stdout=log,
+            self.proc = subprocess.Popen([sys.executable, "-m", *self.args], cwd=HERE, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, preexec_fn=_die_with_parent)
 
@@ -128,6 +151,8 @@ def start_servers(args: argparse.Namespace) -> list[Server]:
             (args.certs_dir / "ca.crt").read_bytes(), (args.certs_dir / "gateway.key").read_bytes(),
             (args.certs_dir / "gateway.crt").read_bytes())
         wait_healthy(to_check, credentials, args.startup_timeout)
+        for server, address in to_check:  # the supervisor checks a restarted server the same way
+            server.health_check = functools.partial(healthy, address, credentials)
         for server in started:
             if server.proc.poll() is not None:
                 raise RuntimeError(f"{server.name} exited with code {server.proc.returncode}:\n"
@@ -181,16 +206,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RuntimeError, OSError) as exc:
         print(f"run_all: cannot start: {exc}", file=sys.stderr)
         return 1
+    # Never on the wallet's screen: with the wallet in the foreground, only in the file.
+    log = open_log(args.data_dir / "logs" / "run_all.log", sys.stdout if args.servers_only else None)
+    log.info("started %s", ", ".join(f"{s.name} (pid {s.proc.pid})" for s in servers))
+    supervisor = Supervisor(servers, restart_policy(args), log, health_timeout=args.startup_timeout)
+    supervisor.start()
+    code = 0
     try:
         if args.servers_only:
             print(f"Strife is running: {len(servers) - 1} banks and the gateway on localhost:{args.gateway_port}"
                   f" (logs in {args.data_dir / 'logs'}). Ctrl+C stops everything.", flush=True)
             wait_for_signal()
-            return 0
-        return run_wallet(args)
+        else:
+            code = run_wallet(args)
     finally:
+        supervisor.halt()  # first: no restart after this, so stop_all reaches every server ever started
+        log.info("stopping all servers")
         stop_all(servers)
+        supervisor.join()
         print("run_all: all servers stopped", flush=True)
+    if supervisor.given_up:
+        if not args.servers_only:  # the wallet's screen is gone: now say what was only in the log
+            for line in supervisor.given_up:
+                print(f"run_all: {line}", file=sys.stderr)
+        return code or 1
+    return code
 
 
 if __name__ == "__main__":

@@ -188,6 +188,22 @@ def health_ok(address: str, credentials: grpc.ChannelCredentials, timeout: float
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def server_processes(text: str) -> dict[int, str]:
+    """Every live Strife server process whose command line mentions `text` (e.g. a test's data dir): pid →
+    command line. Finds servers a test did not start itself (run_all's); a zombie has no command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and "servers." in cmdline:
+            found[int(entry.name)] = cmdline
+    return found
+
+
 @dataclass
 class Cluster:
     """Two banks (SBI, HDFC) and a gateway, each a real process, in `root` (config, certs, data, logs)."""

@@ -13,21 +13,11 @@ import grpc
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import (OPENING, PASSWORDS, REPO, certs_module_client_credentials, free_port, health_ok,
-                           wait_until, write_config)
+                           server_processes, wait_until, write_config)
 
 
 def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and "servers." in cmdline:
-            pids.append(int(entry.name))
-    return pids
+    return list(server_processes(text))
 
 
 def test_run_all_servers_only_starts_everything_and_sigterm_stops_everything(tmp_path: Path) -> None:
@@ -60,7 +50,8 @@ def test_run_all_servers_only_starts_everything_and_sigterm_stops_everything(tmp
             paid = stub.ProcessPayment(pb.PaymentRequest(from_account="SBI-1001", to_account="HDFC-2001",
                                                          amount=12.5), metadata=md, timeout=10)
             assert paid.success
-        assert {p.name for p in (data / "logs").iterdir()} == {"bank_SBI.log", "bank_HDFC.log", "gateway.log"}
+        assert {p.name for p in (data / "logs").iterdir()} == {"bank_SBI.log", "bank_HDFC.log", "gateway.log",
+                                                               "run_all.log"}
         wait_until(lambda: "ProcessPayment" in (data / "logs" / "gateway.log").read_text(), 5,
                    message="the payment's log line")
 
@@ -125,6 +116,11 @@ def test_run_all_runs_the_wallet_in_the_foreground_and_stops_the_servers_when_it
             read_for(0.2)
         assert b"Log in" in screen, screen[-2000:]
         assert len(_processes_mentioning(str(data))) == 3
+        # A gateway killed under the wallet is restarted, and run_all says so in its log, not on the screen.
+        gateway = [pid for pid, cmd in server_processes(str(data)).items() if "servers.gateway_server" in cmd]
+        os.kill(gateway[0], signal.SIGKILL)
+        wait_until(lambda: "gateway is serving again" in (data / "logs" / "run_all.log").read_text(), 15,
+                   message="the gateway's restart in run_all.log")
         read_for(0.5)
         assert b"INFO" not in screen and b"method=" not in screen  # no server log drawn over the wallet
         os.write(fd, b"\x11")  # ctrl+q quits the wallet
@@ -138,6 +134,7 @@ def test_run_all_runs_the_wallet_in_the_foreground_and_stops_the_servers_when_it
             raise AssertionError("run_all did not exit after the wallet quit")
         assert os.waitstatus_to_exitcode(status) == 0
         assert b"all servers stopped" in screen
+        assert b"restart" not in screen and b"SIGKILL" not in screen  # run_all's notes stayed in its log
         assert _processes_mentioning(str(data)) == []
     finally:
         try:
