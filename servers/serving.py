@@ -65,6 +65,13 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+def pinned(peer_name: str, options: Sequence[tuple[str, int | str]] = CHANNEL_OPTIONS
+           ) -> list[tuple[str, int | str]]:
+    """Channel options that verify the server as `peer_name` (its role's DNS name in its certificate), not as
+    the host dialled: any CA-signed certificate is valid for `localhost`, only the right peer's names it."""
+    return [*options, ("grpc.ssl_target_name_override", peer_name)]
+
+
 def make_server(interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
     # An asyncio server: one event loop serves every call, with no thread hand-off per call.
     # Without so_reuseport=0, a second server on the same port starts silently and shares it.
