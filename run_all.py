@@ -128,6 +128,12 @@ def start_servers(args: argparse.Namespace) -> list[Server]:
     banks = load_banks(args.config_dir)
     if certs.ensure(args.certs_dir, sorted(banks)):
         print(f"created certificates in {args.certs_dir}")
+    # Certificates that exist but that peers would refuse (made before names were pinned, or mixed from two
+    # runs) are reported, not replaced: a new CA would silently invalidate every ca.crt handed out to
+    # wallets and bundles, and the CA key may be the operator's own.
+    problem = certs.dir_problem(args.certs_dir, sorted(banks))
+    if problem:
+        raise RuntimeError(problem)
     common = ["--config-dir", str(args.config_dir.resolve()), "--certs-dir", str(args.certs_dir.resolve()),
               "--data-dir", str(args.data_dir.resolve())]
     logs = args.data_dir / "logs"

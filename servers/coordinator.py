@@ -42,7 +42,9 @@ class Banks:
 
     def __init__(self, addresses: dict[str, str], certs_dir: Path) -> None:
         credentials = serving.client_credentials(certs_dir, GATEWAY_CN)
-        self.links = {name: BankLink(name, grpc.aio.secure_channel(addr, credentials, options=serving.CHANNEL_OPTIONS))
+        # Each channel pins its bank's name: a server holding another bank's (CA-signed) certificate at this
+        # address fails the handshake, so it can never vote on, or learn of, this bank's payments.
+        self.links = {name: BankLink(name, grpc.aio.secure_channel(addr, credentials, options=serving.pinned(name)))
                       for name, addr in addresses.items()}
 
     def __contains__(self, bank: str) -> bool:

@@ -13,6 +13,8 @@ from typing import Awaitable, Callable, NoReturn, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from servers import certs
+
 log = logging.getLogger("strife")
 
 
@@ -30,9 +32,16 @@ def read_file(path: Path, what: str) -> bytes:
 
 
 def server_credentials(certs_dir: Path, name: str, *, require_client_auth: bool) -> grpc.ServerCredentials:
+    """The server's own key and certificate; `name` is its role (`gateway` or a bank), which peers pin.
+
+    A certificate that does not carry that name (e.g. one made before names were pinned) would fail every
+    peer's handshake with an obscure error: refuse to start instead, with one line saying what to do."""
     key = read_file(certs_dir / f"{name}.key", "private key")
     cert = read_file(certs_dir / f"{name}.crt", "certificate")
     ca = read_file(certs_dir / "ca.crt", "CA certificate")
+    problem = certs.identity_problem(certs_dir / f"{name}.crt", cert, ca, name)
+    if problem:
+        raise StartupError(problem)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                        require_client_auth=require_client_auth)
 
@@ -54,6 +63,13 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+def pinned(peer_name: str, options: Sequence[tuple[str, int | str]] = CHANNEL_OPTIONS
+           ) -> list[tuple[str, int | str]]:
+    """Channel options that verify the server as `peer_name` (its role's DNS name in its certificate), not as
+    the host dialled: any CA-signed certificate is valid for `localhost`, only the right peer's names it."""
+    return [*options, ("grpc.ssl_target_name_override", peer_name)]
 
 
 def make_server(interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:

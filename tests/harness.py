@@ -214,6 +214,8 @@ class Cluster:
     bank_ports: dict[str, int] = field(default_factory=dict)
     bank_addresses: dict[str, str] = field(default_factory=dict)  # what the gateway dials (maybe a proxy)
     gateway_port: int = 0
+    # A process's own --certs-dir (e.g. its bundle), by process name ("SBI", "gateway"); others use certs_dir.
+    process_certs: dict[str, Path] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
     _channels: list[grpc.Channel] = field(default_factory=list)
 
@@ -228,18 +230,18 @@ class Cluster:
         write_config(self.config_dir, self.bank_addresses)
 
     # ---- processes -----------------------------------------------------------------------------------------
-    def _common(self) -> list[str]:
-        return ["--config-dir", str(self.config_dir), "--certs-dir", str(self.certs_dir),
-                "--data-dir", str(self.data_dir)]
+    def _common(self, name: str = "") -> list[str]:
+        certs_dir = self.process_certs.get(name, self.certs_dir)
+        return ["--config-dir", str(self.config_dir), "--certs-dir", str(certs_dir), "--data-dir", str(self.data_dir)]
 
     def bank_proc(self, bank: str) -> Proc:
         return Proc(bank, ["servers.bank_server", "--bank", bank, "--port", str(self.bank_ports[bank]),
-                           *self._common()], self.root / f"{bank}.log")
+                           *self._common(bank)], self.root / f"{bank}.log")
 
     def gateway_proc(self, port: int | None = None, name: str = "gateway") -> Proc:
         return Proc(name, ["servers.gateway_server", "--port", str(port or self.gateway_port),
                            "--txn-timeout", str(self.txn_timeout), "--completer-interval", "0.2",
-                           *self.gateway_args, *self._common()], self.root / f"{name}.log")
+                           *self.gateway_args, *self._common(name)], self.root / f"{name}.log")
 
     def start(self) -> "Cluster":
         for bank in OPENING:
@@ -301,8 +303,9 @@ class Cluster:
         token = stub.Login(pb.LoginRequest(username=user, password=PASSWORDS[user]), timeout=10).token
         return Client(stub, user, token)
 
-    def bank_stub(self, bank: str, cert_name: str | None = "gateway") -> pbg.BankStub:
-        creds = certs_module_client_credentials(self.certs_dir, cert_name)
+    def bank_stub(self, bank: str, cert_name: str | None = "gateway", certs_dir: Path | None = None
+                  ) -> pbg.BankStub:
+        creds = certs_module_client_credentials(certs_dir or self.certs_dir, cert_name)
         channel = grpc.secure_channel(f"localhost:{self.bank_ports[bank]}", creds)
         self._channels.append(channel)
         return pbg.BankStub(channel)

@@ -14,6 +14,7 @@ import pytest
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from servers import certs as certs_module
+from tests.cert_support import issue
 from tests.harness import OPENING_ACCOUNTS, OPENING_TOTAL, PASSWORDS, Client, Cluster, wait_until, write_config
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -199,9 +200,30 @@ def test_bank_refuses_a_caller_without_a_client_certificate(untouched: Cluster, 
 
 
 @pytest.mark.parametrize("bank,cert_name", [("SBI", "SBI"), ("SBI", "HDFC"), ("HDFC", "SBI"), ("HDFC", "HDFC")])
-def test_bank_refuses_a_ca_signed_certificate_that_is_not_the_gateways(untouched: Cluster, bank: str,
+def test_bank_refuses_a_banks_certificate_as_a_client_in_the_handshake(untouched: Cluster, bank: str,
                                                                        cert_name: str) -> None:
+    # A bank's certificate is for serving only (no clientAuth usage): BoringSSL refuses it as a client
+    # certificate ("unsupported certificate purpose") before any call reaches the bank.
     codes = try_to_move_money(untouched.bank_stub(bank, cert_name=cert_name))
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 4
+    assert_nothing_changed(untouched)
+
+
+@pytest.mark.parametrize("bank,common_name", [("SBI", "SBI"), ("SBI", "HDFC"), ("HDFC", "Gateway"),
+                                              ("HDFC", "gateway.example")])
+def test_bank_refuses_a_ca_signed_client_certificate_whose_common_name_is_not_gateway(
+        untouched: Cluster, bank: str, common_name: str, tmp_path: Path) -> None:
+    # Valid for clientAuth and signed by the cluster's CA (as the generator made every certificate before
+    # usages were split): the handshake succeeds, and the bank's own check of the peer's CN refuses each call.
+    issue(untouched.certs_dir, tmp_path, common_name)
+    credentials = grpc.ssl_channel_credentials((untouched.certs_dir / "ca.crt").read_bytes(),
+                                               (tmp_path / f"{common_name}.key").read_bytes(),
+                                               (tmp_path / f"{common_name}.crt").read_bytes())
+    channel = grpc.secure_channel(f"localhost:{untouched.bank_ports[bank]}", credentials)
+    try:
+        codes = try_to_move_money(pbg.BankStub(channel))
+    finally:
+        channel.close()
     assert codes == [grpc.StatusCode.PERMISSION_DENIED] * 4
     assert_nothing_changed(untouched)
 

@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protofiles import payment_pb2 as pb
+from tests.cert_support import issue
 from tests.harness import (OPENING, OPENING_TOTAL, REPO, Cluster, certs_module_client_credentials, wait_until,
                            write_config)
 
@@ -57,13 +58,16 @@ def health_status(address: str, credentials: grpc.ChannelCredentials) -> int:
 
 
 # ---- health --------------------------------------------------------------------------------------------------
-def test_every_server_answers_its_health_check_serving(running: Cluster) -> None:
+def test_every_server_answers_its_health_check_serving(running: Cluster, tmp_path: Path) -> None:
     ca = grpc.ssl_channel_credentials((running.certs_dir / "ca.crt").read_bytes())
     assert health_status(f"localhost:{running.gateway_port}", ca) == health_pb2.HealthCheckResponse.SERVING
+    issue(running.certs_dir, tmp_path, "monitor")  # e.g. a monitoring probe's own client certificate
+    shutil.copy2(running.certs_dir / "ca.crt", tmp_path / "ca.crt")
     for bank in OPENING:
         address = f"localhost:{running.bank_ports[bank]}"
-        for cert in ("gateway", bank):  # health is open to any CA-signed certificate, not only the gateway's
-            creds = certs_module_client_credentials(running.certs_dir, cert)
+        # Health is open to any CA-signed client certificate, not only the gateway's.
+        for certs, cert in ((running.certs_dir, "gateway"), (tmp_path, "monitor")):
+            creds = certs_module_client_credentials(certs, cert)
             assert health_status(address, creds) == health_pb2.HealthCheckResponse.SERVING, (bank, cert)
 
 

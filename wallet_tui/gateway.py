@@ -19,6 +19,10 @@ from wallet_tui.money import paise_to_wire, wire_to_paise
 LOGIN_TIMEOUT = 10.0      # the gateway checks a slow (scrypt) password hash
 READ_TIMEOUT = 5.0        # balances (fans out to the banks, 2 s each) and history
 HEALTH_TIMEOUT = 2.0
+# The name the gateway's certificate must carry (CONTRACT §3), whatever host it is dialled at: every
+# CA-signed certificate (a bank's too) is valid for `localhost`; only the gateway's names `gateway`, so a
+# process holding a bank's certificate fails the handshake before any password is sent.
+GATEWAY_NAME = "gateway"
 
 STATUS_WORDS = {
     payment_pb2.PAYMENT_STATUS_SUCCEEDED: "succeeded",
@@ -104,6 +108,7 @@ class GrpcGateway:
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.enable_retries", 0),  # resends are the outbox's business, always with the same key
+            ("grpc.ssl_target_name_override", GATEWAY_NAME),
         ])
         self._stub = payment_pb2_grpc.PaymentGatewayStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
