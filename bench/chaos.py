@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from bench.chaos_config import ChaosConfig
 from bench.chaos_faults import Driver
 from bench.chaos_invariants import Check, check_invariants
 from tests.harness import OPENING, PASSWORDS, USER_ACCOUNTS, Cluster, free_port, make_certs, wait_until
@@ -40,19 +41,6 @@ from wallet_tui.settings import WalletSettings
 from wallet_tui.sync import Finished
 
 ALL_ACCOUNTS = sorted(a for accounts in OPENING.values() for a in accounts)
-@dataclass(frozen=True)
-class ChaosConfig:
-    payments: int = 300
-    wallets: int = 4
-    seed: int = 1
-    seconds_budget: float = 600.0
-    txn_timeout: float = 1.5                          # the gateway's prepare deadline
-    pay_timeout: float = 4.0                          # the wallet's deadline on one payment call
-    poll_interval: float = 0.25                       # the wallet's health check + drain (5 s in the TUI)
-    chaos_seconds: float = 60.0                       # submissions are spread over this long, faults meanwhile
-    fault_gap: tuple[float, float] = (0.1, 0.8)       # between two faults
-    outage: tuple[float, float] = (0.2, 1.2)          # how long a process stays dead or a link cut
-    max_amount_paise: int = 30_000                    # up to ₹300: dave (₹100) is often declined
 
 
 @dataclass

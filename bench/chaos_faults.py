@@ -10,13 +10,11 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from bench.chaos_config import ChaosConfig
 from tests.harness import Cluster
 from tests.tcpproxy import TcpProxy
-
-if TYPE_CHECKING:
-    from bench.chaos import ChaosConfig
 
 FAULTS = ("kill_gateway", "kill_gateway_mid_payment", "kill_bank", "stall_bank", "stall_gateway",
           "cut_wallet_link", "cut_bank_link", "drop_wallet_replies", "drop_bank_replies")
@@ -37,7 +35,6 @@ class Faults:
     wallet_link_cuts: int = 0
     bank_link_cuts: Counter = field(default_factory=Counter)
     by_kind: Counter = field(default_factory=Counter)  # how often each of FAULTS was injected
-
 
 
 class Driver:
