@@ -13,6 +13,8 @@ from typing import Awaitable, Callable, NoReturn, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from servers.logfmt import escape
+
 log = logging.getLogger("strife")
 
 
@@ -113,7 +115,8 @@ async def run_until_signalled(server: grpc.aio.Server, health_servicer: health.a
 
 
 class _Formatter(logging.Formatter):
-    """`asctime` as logging's default shows it, with the date-and-second part made once per second."""
+    """`asctime` as logging's default shows it, with the date-and-second part made once per second; a record's
+    message never spans lines (a traceback, added after it, still does)."""
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
@@ -125,6 +128,13 @@ class _Formatter(logging.Formatter):
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
         return f"{self._stamp},{int(record.msecs):03d}"
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        # The call lines quote every value themselves (logfmt); this guards every other line, whose arguments
+        # may carry a caller's or a bank's text (an error's details): a line break there would start a line
+        # that looks like a log line of its own.
+        line = super().formatMessage(record)
+        return line if line.isprintable() else escape(line)
 
 
 class LoopBufferedHandler(logging.StreamHandler):
