@@ -236,15 +236,22 @@ class PaymentStore:
                    (payment.username, payment.idem_key, self.owner.id))
 
     def take_over_abandoned_in(self, db: sqlite3.Connection, limit: int = 100) -> tuple[list[Payment], set[str]]:
-        """Lock unfinished payments whose owner is dead or gone. Returns them and the dead owners' ids."""
+        """Lock up to `limit` unfinished payments (oldest first) whose owner is dead or let go of them.
+        Returns them and the dead owners' ids.
+
+        Live owners are left out in the query itself, not after it: a live peer may have any number of
+        payments in flight, and filtering a `LIMIT`ed page afterwards let its oldest `limit` hide a dead
+        owner's payments from every pass. Owners are few (one per gateway process), so each is asked once."""
+        owners = [o for (o,) in db.execute("SELECT DISTINCT locked_by FROM idempotency_keys"
+                                           " WHERE recovery_point != 'finished' AND locked_by IS NOT NULL")]
+        live = [self.owner.id] + [o for o in owners if o != self.owner.id and self.owner.is_alive(o)]
+        rows = db.execute(_SELECT + " WHERE k.recovery_point != 'finished' AND (k.locked_by IS NULL OR"
+                          f" k.locked_by NOT IN ({','.join('?' * len(live))})) ORDER BY p.id LIMIT ?",
+                          (*live, limit)).fetchall()
         taken: list[Payment] = []
         dead: set[str] = set()
-        rows = db.execute(_SELECT + " WHERE k.recovery_point != 'finished' AND (k.locked_by IS NULL OR"
-                          " k.locked_by != ?) ORDER BY p.id LIMIT ?", (self.owner.id, limit)).fetchall()
         for row in rows:
             locked_by = row[10]
-            if self.owner.is_alive(locked_by):
-                continue
             db.execute("UPDATE idempotency_keys SET locked_by = ?, last_run_at = ? WHERE username = ? AND idem_key = ?"
                        " AND locked_by IS ?", (self.owner.id, time.time(), row[2], row[3], locked_by))
             taken.append(_payment(row))
