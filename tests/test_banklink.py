@@ -1,15 +1,19 @@
 """The gateway's BankLink against a real bank process: frames coalesce under load, every call is answered
-once, a silent bank costs exactly the timeout, and a restarted bank is reached again on a new stream."""
+once, a silent bank costs exactly the timeout, a restarted bank is reached again on a new stream, and a
+connection that died silently never stalls the link for good."""
 from __future__ import annotations
 
 import asyncio
+import uuid
+from typing import Callable
 
 import grpc
 from protofiles import payment_pb2 as pb
 from servers import serving
 from servers.banklink import BankCallError, BankLink
 from servers.certs import GATEWAY_CN
-from tests.harness import OPENING_TOTAL, Cluster
+from tests.harness import OPENING_TOTAL, Cluster, wait_until, write_config
+from tests.tcpproxy import TcpProxy
 
 
 def link_to(cluster: Cluster, bank: str) -> BankLink:
@@ -121,3 +125,45 @@ def test_a_restarted_bank_is_reached_on_a_new_stream(cluster: Cluster) -> None:
     assert isinstance(broken, BankCallError) and broken.code() in (grpc.StatusCode.UNAVAILABLE,
                                                                    grpc.StatusCode.DEADLINE_EXCEEDED)
     assert after.ack.success
+
+
+# ---- a link that dies silently ---------------------------------------------------------------------------------
+def test_a_link_that_died_silently_is_noticed_within_seconds_and_replaced(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """The gateway's connection to a bank stops carrying bytes without being closed (a lost route or NAT
+    entry): no FIN, no RST, writes still succeed. Once, nothing noticed: the stream's one frame in flight was
+    never answered, so no frame was ever sent again and every payment through that bank failed on its
+    deadline until TCP gave up (many minutes). Keepalive pings must find the dead connection and let the link
+    reconnect, and payments must go through again, moving money exactly once."""
+    cluster = make_cluster(start=False)
+    proxy = TcpProxy(cluster.bank_ports["SBI"])
+    try:
+        cluster.bank_addresses["SBI"] = proxy.address
+        write_config(cluster.config_dir, cluster.bank_addresses)
+        cluster.start()
+        alice = cluster.client("alice")
+        moved = 0
+        assert alice.pay(f"link-{uuid.uuid4()}", "SBI-1001", "HDFC-2001", 10).success  # the link is up
+        moved += 1_000
+
+        proxy.blackhole()
+        lost = alice.pay(f"link-{uuid.uuid4()}", "SBI-1001", "HDFC-2001", 20, timeout=30)
+        assert lost.status == pb.PAYMENT_STATUS_FAILED and "no money moved" in lost.message, lost
+        wait_until(lambda: proxy.blackholed_closed >= 1, 15, message="the gateway to give up the dead connection")
+
+        def paid() -> bool:
+            nonlocal moved
+            response = alice.pay(f"link-{uuid.uuid4()}", "SBI-1001", "HDFC-2001", 30, timeout=30)
+            moved += 3_000 if response.success else 0
+            return response.success
+
+        wait_until(paid, 15, interval=0.2, message="a payment through a new connection")
+        assert proxy.connections >= 2
+        wait_until(lambda: cluster.unfinished_payments() == 0 and cluster.holds() == 0, 15,
+                   message="every payment finished and every hold released")
+        assert cluster.balance("SBI-1001") == 500_000 - moved
+        assert cluster.balance("HDFC-2001") == 300_000 + moved
+        assert cluster.total() == OPENING_TOTAL
+    finally:
+        proxy.close()
+
