@@ -1,6 +1,6 @@
 """The gateway's BankLink against a real bank process: frames coalesce under load, every call is answered
 once, a silent bank costs exactly the timeout, a restarted bank is reached again on a new stream, and a
-connection that died silently never stalls the link for good."""
+connection that died silently or a frame lost on a live one never stalls the link for good."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +9,7 @@ from typing import Callable
 
 import grpc
 from protofiles import payment_pb2 as pb
+from protofiles import payment_pb2_grpc as pbg
 from servers import serving
 from servers.banklink import BankCallError, BankLink
 from servers.certs import GATEWAY_CN
@@ -167,3 +168,50 @@ def test_a_link_that_died_silently_is_noticed_within_seconds_and_replaced(
     finally:
         proxy.close()
 
+
+class LosesTheFirstFrame(pbg.BankServicer):
+    """A bank whose stream swallows its first frame and answers every later one: a frame lost on a connection
+    that is alive (keepalive pings are answered). A real bank cannot be made to do this on demand."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    async def ExchangeBatches(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        while (frame := await context.read()) is not grpc.aio.EOF:
+            self.frames += 1
+            if self.frames > 1:
+                await context.write(pb.BankReplyBatch(replies=[pb.BankReply(id=m.id, ack=pb.Ack(success=True))
+                                                               for m in frame.messages]))
+
+
+def test_a_frame_never_answered_resets_the_stream_instead_of_stalling_the_link() -> None:
+    """With one frame in flight at a time, a frame that is never answered once kept every later message
+    queued behind it: each call failed on its deadline, for good. The stream must be given up and a new one
+    opened, so that the bank is reached again."""
+    async def scenario() -> tuple[list[object], list[object], pb.BankReply, float]:
+        server = grpc.aio.server(options=serving.KEEPALIVE_SERVER_OPTIONS)
+        bank = LosesTheFirstFrame()
+        pbg.add_BankServicer_to_server(bank, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        loop = asyncio.get_running_loop()
+        link = BankLink("LOSSY", grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=serving.CHANNEL_OPTIONS),
+                        frame_grace=0.3)
+        try:
+            lost = await asyncio.gather(link.send("abort", pb.AbortRequest(transaction_id="lost"), 0.2),
+                                        return_exceptions=True)
+            started = loop.time()
+            queued = await asyncio.gather(link.send("abort", pb.AbortRequest(transaction_id="queued"), 5),
+                                          return_exceptions=True)  # behind the lost frame: fails at once
+            waited = loop.time() - started
+            answered = await link.send("abort", pb.AbortRequest(transaction_id="after"), 5)
+            return lost, queued, answered, waited
+        finally:
+            await link.close()
+            await server.stop(None)
+
+    lost, queued, answered, waited = asyncio.run(scenario())
+    assert isinstance(lost[0], BankCallError) and lost[0].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(queued[0], BankCallError) and queued[0].code() == grpc.StatusCode.UNAVAILABLE, queued
+    assert "answered nothing" in queued[0].details() and waited < 2.0, (queued, waited)
+    assert answered.ack.success
