@@ -294,7 +294,10 @@ async def serve(settings: BankSettings) -> None:
     ledger = Ledger(settings.ledger_path, settings.bank,
                     lambda: load_opening_balances(settings.config_dir, settings.bank))
     committer = GroupCommitter(ledger.store)
-    server = serving.make_server([LoggingInterceptor(), PeerCertInterceptor({GATEWAY_CN})])
+    # The gateway's link pings every couple of seconds (serving.CHANNEL_OPTIONS): allow it, or the bank
+    # would drop the link with GOAWAY "too_many_pings" whenever it has been quiet for a while.
+    server = serving.make_server([LoggingInterceptor(), PeerCertInterceptor({GATEWAY_CN})],
+                                 serving.KEEPALIVE_SERVER_OPTIONS)
     servicer = BankServicer(ledger, committer)
     payment_pb2_grpc.add_BankServicer_to_server(servicer, server)
     health = await serving.add_health(server)

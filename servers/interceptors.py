@@ -18,6 +18,8 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from servers.logfmt import is_bare, quoted, value
+
 log = logging.getLogger("strife.calls")
 
 _NOTES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("strife_call_notes", default=None)
@@ -41,11 +43,18 @@ def current_user() -> str:
 
 def log_call(method: str, peer: str, notes: dict[str, Any], code: grpc.StatusCode, message: str,
              started: float, ended: float | None = None) -> None:
-    parts = [f"method={method}", f"peer={peer}"]
-    parts += [f"{k}={v}" for k, v in notes.items() if v not in (None, "") and k != "retry_kind"]
+    # Any value may hold a caller's bytes (a username, an account, a key, a status message quoting them), so
+    # each is a logfmt value: bare when safe, else quoted and escaped. A call is always one line of key=value
+    # pairs; the keys are our own. The safe test is inlined: this runs once per call.
+    parts = [f"method={value(method)}", f"peer={value(peer)}"]
+    for k, v in notes.items():
+        if v is None or v == "" or k == "retry_kind":
+            continue
+        text = v if type(v) is str else str(v)
+        parts.append(f"{k}={text}" if is_bare(text) else f"{k}={quoted(text)}")
     elapsed = (ended if ended is not None else time.perf_counter()) - started
-    parts += [f"status={code.name}", f"message={message!r}", f"ms={elapsed * 1000:.1f}",
-              f"retry={notes.get('retry_kind', 'no')}"]
+    parts += [f"status={code.name}", f"message={value(message)}", f"ms={elapsed * 1000:.1f}",
+              f"retry={value(notes.get('retry_kind', 'no'))}"]
     log.info(" ".join(parts))
 
 

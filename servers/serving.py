@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from servers import certs
+from servers.logfmt import escape
 
 log = logging.getLogger("strife")
 
@@ -56,12 +57,34 @@ def client_credentials(certs_dir: Path, name: str | None = None) -> grpc.Channel
                                         certificate_chain=read_file(certs_dir / f"{name}.crt", "certificate"))
 
 
+# How often a long-lived channel pings its peer, and how long it waits for the answer: a connection that died
+# silently (a lost route or NAT entry: no FIN, no RST, writes still "succeed") is given up within about
+# KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS, and every call on it fails as UNAVAILABLE instead of waiting on it
+# until TCP gives up (many minutes). A ping is a few bytes every two seconds per bank.
+KEEPALIVE_TIME_MS = 2000
+KEEPALIVE_TIMEOUT_MS = 2000
+
 # Channel options for long-lived channels: reconnect quickly after a peer restarts instead of backing off for
-# up to two minutes (gRPC's default), so a bank that comes back is used again within a second.
+# up to two minutes (gRPC's default), so a bank that comes back is used again within a second; and keepalive.
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC 1.85 waits for a keepalive ping's answer for ping_timeout_ms (a minute by default), whatever
+    # keepalive_timeout_ms says (seen in its http_keepalive trace): set both.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),  # an idle link is checked too, before a payment needs it
+    ("grpc.http2.max_pings_without_data", 0),    # else pings stop after two while the 2PC stream is quiet
+]
+
+# For a server whose clients keep their channels alive with CHANNEL_OPTIONS (a bank: the gateway's link). By
+# default a server accepts a ping without data only every five minutes, and answers more with GOAWAY
+# "too_many_pings", dropping the connection and every call on it.
+KEEPALIVE_SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
 ]
 
 
@@ -72,10 +95,11 @@ def pinned(peer_name: str, options: Sequence[tuple[str, int | str]] = CHANNEL_OP
     return [*options, ("grpc.ssl_target_name_override", peer_name)]
 
 
-def make_server(interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+def make_server(interceptors: Sequence[grpc.aio.ServerInterceptor],
+                options: Sequence[tuple[str, int]] = ()) -> grpc.aio.Server:
     # An asyncio server: one event loop serves every call, with no thread hand-off per call.
     # Without so_reuseport=0, a second server on the same port starts silently and shares it.
-    return grpc.aio.server(interceptors=list(interceptors), options=[("grpc.so_reuseport", 0)])
+    return grpc.aio.server(interceptors=list(interceptors), options=[("grpc.so_reuseport", 0), *options])
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -129,7 +153,8 @@ async def run_until_signalled(server: grpc.aio.Server, health_servicer: health.a
 
 
 class _Formatter(logging.Formatter):
-    """`asctime` as logging's default shows it, with the date-and-second part made once per second."""
+    """`asctime` as logging's default shows it, with the date-and-second part made once per second; a record's
+    message never spans lines (a traceback, added after it, still does)."""
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
@@ -141,6 +166,13 @@ class _Formatter(logging.Formatter):
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
         return f"{self._stamp},{int(record.msecs):03d}"
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        # The call lines quote every value themselves (logfmt); this guards every other line, whose arguments
+        # may carry a caller's or a bank's text (an error's details): a line break there would start a line
+        # that looks like a log line of its own.
+        line = super().formatMessage(record)
+        return line if line.isprintable() else escape(line)
 
 
 class LoopBufferedHandler(logging.StreamHandler):

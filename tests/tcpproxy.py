@@ -1,4 +1,5 @@
-"""A small TCP proxy for fault injection: cut a link, or let requests through and lose the replies.
+"""A small TCP proxy for fault injection: cut a link, let requests through and lose the replies, or blackhole
+the open connections (bytes vanish, nothing is closed: a link that died silently).
 
 TLS passes through untouched (the proxy only copies bytes), so clients still verify the real server.
 """
@@ -23,6 +24,8 @@ class TcpProxy:
         self._drop_min_bytes = 0        # reply chunks smaller than this pass even while dropping is armed
         self.dropped_replies = 0
         self.connections = 0
+        self._blackholed: set[tuple[socket.socket, socket.socket]] = set()
+        self.blackholed_closed = 0      # blackholed connections their client gave up on (closed its end)
         self._closed = False
         threading.Thread(target=self._accept_loop, daemon=True, name=f"proxy:{self.port}").start()
 
@@ -54,6 +57,13 @@ class TcpProxy:
         with self._lock:
             self._drop_replies = count
             self._drop_min_bytes = min_bytes
+
+    def blackhole(self) -> None:
+        """The open connections die silently: from now on their bytes vanish both ways and nothing is closed
+        on the client's side (no FIN, no RST), as when a route or a NAT entry is lost. Only a client that
+        notices on its own (keepalive) gets away from them; new connections are forwarded as usual."""
+        with self._lock:
+            self._blackholed |= self._conns
 
     def close(self) -> None:
         self._closed = True
@@ -95,6 +105,8 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if pair in self._blackholed:
+                    continue
                 if is_reply:
                     with self._lock:
                         lose = self._drop_replies != 0 and len(data) >= self._drop_min_bytes
@@ -107,21 +119,34 @@ class TcpProxy:
                 dst.sendall(data)
         except OSError:
             pass
+        with self._lock:
+            silent = pair in self._blackholed
+            if silent and not is_reply:
+                self.blackholed_closed += 1
+                self._blackholed.discard(pair)
+        if silent and is_reply:  # the server's end closed: the client must not hear of it
+            self._close_socket(src)
+            return
         self._close_pair(pair)
 
     def _close_pair(self, pair: tuple[socket.socket, socket.socket]) -> None:
         with self._lock:
             self._conns.discard(pair)
+            self._blackholed.discard(pair)
         for sock in pair:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            except OSError:
-                pass
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv on it
-            except OSError:
-                pass
-            try:
-                sock.close()
-            except OSError:
-                pass
+            self._close_socket(sock)
+
+    @staticmethod
+    def _close_socket(sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv on it
+        except OSError:
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
