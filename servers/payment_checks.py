@@ -32,6 +32,10 @@ def key_problem(key: str) -> str | None:
     """Why a key cannot be used, or None."""
     if not 1 <= len(key) <= MAX_KEY_LENGTH or not all(" " <= ch <= "~" for ch in key):
         return f"idempotency key must be 1–{MAX_KEY_LENGTH} printable ASCII characters"
+    if key != key.strip(" "):
+        # A proxy that trims header values would make "k " and "k" one key on some paths and two on others:
+        # a retry could become a second payment.
+        return "idempotency key must not begin or end with a space"
     return None
 
 
