@@ -27,7 +27,7 @@ from servers.config import ConfigError, User, load_banks, load_users, verify_pas
 from servers.coordinator import STATUS_ENUM, Banks, Coordinator
 from servers.faults import delay_at
 from servers.idempotency import Claim, ClaimKind, Payment, PaymentStore
-from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, current_user, note
+from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, bearer_token, current_user, note
 from servers.liveness import Owner
 from servers.money import MAX_PAYMENT_PAISE, bank_of, format_paise, paise_to_rupees, rupees_to_paise
 from servers.payment_checks import Refusal, checked_amount, idempotency_key, refusal
@@ -114,8 +114,19 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
         if not await loop.run_in_executor(None, user.check_password, request.password):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
-        token, expires = await self.db.run(self.sessions.create_in, user.username)
+        token, expires = await self.db.run(self.sessions.create_in, user.username, user.credential)
         return payment_pb2.LoginResponse(token=token, expires_at_unix=int(expires), accounts=list(user.accounts))
+
+    async def Logout(self, request: payment_pb2.LogoutRequest,
+                     context: grpc.aio.ServicerContext) -> payment_pb2.LogoutResponse:
+        # Not behind the auth interceptor: a token already logged out is answered OK (its holder retrying
+        # after a lost reply); only a token never issued, or expired, is refused.
+        token = await bearer_token(context)
+        username = await self.db.run(self.sessions.revoke_in, token)  # every call after this reads the change
+        if username is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "token is unknown or expired")
+        note(user=username)
+        return payment_pb2.LogoutResponse()
 
     async def _replay(self, payment: Payment, context: grpc.aio.ServicerContext) -> payment_pb2.PaymentResponse:
         note(retry_kind="replay", txn=payment.txn_id)
@@ -272,12 +283,14 @@ async def serve(settings: GatewaySettings) -> None:
     sqlite = SQLiteStore(settings.store_path, "", preallocate=True)
     owner = Owner(settings.data_dir)
     store = PaymentStore(sqlite, owner)
-    sessions = Sessions(sqlite, settings.token_ttl)
+    sessions = Sessions(sqlite, settings.token_ttl,
+                        lambda name: users[name].credential if name in users else None)
     db = GroupCommitter(sqlite, commit_in_thread=True)
     stop = asyncio.Event()
     coordinator = Coordinator(store, db, banks, settings.txn_timeout, stop)
 
-    open_methods = {"/PaymentGateway/Login", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
+    open_methods = {"/PaymentGateway/Login", "/PaymentGateway/Logout",  # Logout checks its token itself
+                    "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
     server = serving.make_server([LoggingInterceptor(), BearerAuthInterceptor(sessions.resolve, open_methods)])
     servicer = GatewayServicer(users, banks, sessions, coordinator, settings.max_payment)
     payment_pb2_grpc.add_PaymentGatewayServicer_to_server(servicer, server)
