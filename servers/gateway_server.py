@@ -2,7 +2,8 @@
 
     python -m servers.gateway_server [--port 50053] [--config-dir config] [--certs-dir certificates]
         [--data-dir data] [--txn-timeout 5] [--idempotency-ttl 604800] [--token-ttl 28800]
-        [--max-payment 10000000]
+        [--max-payment 10000000] [--login-failures-per-user 10] [--login-failures-per-peer 100]
+        [--login-window 60] [--login-concurrency 2]
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from servers.faults import delay_at
 from servers.idempotency import Claim, ClaimKind, Payment, PaymentStore
 from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, bearer_token, current_user, note
 from servers.liveness import Owner
+from servers.login_guard import LoginGuard, LoginLimits, LoginRefused
 from servers.money import MAX_PAYMENT_PAISE, bank_of, format_paise, paise_to_rupees, rupees_to_paise
 from servers.payment_checks import Refusal, checked_amount, idempotency_key, refusal
 from servers.sessions import Sessions
@@ -52,6 +54,7 @@ class GatewaySettings:
     token_ttl: float
     completer_interval: float
     max_payment: int = MAX_PAYMENT_PAISE  # paise
+    login: LoginLimits = LoginLimits()
 
     @property
     def store_path(self) -> Path:
@@ -62,6 +65,13 @@ def _positive(value: str) -> float:
     number = float(value)
     if not math.isfinite(number) or number <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {value!r}")
     return number
 
 
@@ -86,19 +96,29 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
                         help="how often abandoned payments are looked for (s)")
     parser.add_argument("--max-payment", type=_max_payment, default=MAX_PAYMENT_PAISE, metavar="RUPEES",
                         help=f"largest payment accepted (at most the default, ₹{format_paise(MAX_PAYMENT_PAISE)})")
+    limits = LoginLimits()
+    parser.add_argument("--login-failures-per-user", type=_count, default=limits.failures_per_user,
+                        help="failed logins per username per window before logins for it are refused")
+    parser.add_argument("--login-failures-per-peer", type=_count, default=limits.failures_per_peer,
+                        help="failed logins per client address per window before its logins are refused")
+    parser.add_argument("--login-window", type=_positive, default=limits.window, help="login-limit window (s)")
+    parser.add_argument("--login-concurrency", type=_count, default=limits.concurrency,
+                        help="password checks (scrypt) run at once; further logins wait")
     a = parser.parse_args(argv)
+    login = LoginLimits(a.login_failures_per_user, a.login_failures_per_peer, a.login_window, a.login_concurrency)
     return GatewaySettings(a.port, a.config_dir, a.certs_dir, a.data_dir, a.txn_timeout, a.idempotency_ttl,
-                           a.token_ttl, a.completer_interval, a.max_payment)
+                           a.token_ttl, a.completer_interval, a.max_payment, login)
 
 
 class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
     def __init__(self, users: dict[str, User], banks: Banks, sessions: Sessions, coordinator: Coordinator,
-                 max_payment: int = MAX_PAYMENT_PAISE) -> None:
+                 max_payment: int = MAX_PAYMENT_PAISE, login_limits: LoginLimits = LoginLimits()) -> None:
         self.users = users
         self.banks = banks
         self.sessions = sessions
         self.coordinator = coordinator
         self.max_payment = max_payment
+        self.login_guard = LoginGuard(login_limits)
         self.store = coordinator.store
         self.db = coordinator.db
         self.running: set[asyncio.Task] = set()  # payments being executed, shielded from their callers
@@ -107,12 +127,17 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
                     context: grpc.aio.ServicerContext) -> payment_pb2.LoginResponse:
         note(user=request.username[:64])
         user = self.users.get(request.username)
-        loop = asyncio.get_running_loop()
-        # scrypt is deliberately slow: check it off the event loop so other calls are not held up.
-        if user is None or len(request.password) > 1024:
-            await loop.run_in_executor(None, verify_password, request.password[:1024], _DUMMY_HASH)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
-        if not await loop.run_in_executor(None, user.check_password, request.password):
+        password = request.password
+        if user is None or len(password) > 1024:
+            # As slow as a real check, so that a wrong username cannot be told from a wrong password.
+            check = lambda: verify_password(password[:1024], _DUMMY_HASH) and False  # noqa: E731
+        else:
+            check = lambda: user.check_password(password)  # noqa: E731
+        try:  # scrypt is deliberately slow: the guard limits it and runs it off the event loop
+            right = await self.login_guard.check(request.username, context.peer(), check)
+        except LoginRefused as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if not right or user is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
         token, expires = await self.db.run(self.sessions.create_in, user.username, user.credential)
         return payment_pb2.LoginResponse(token=token, expires_at_unix=int(expires), accounts=list(user.accounts))
@@ -292,7 +317,7 @@ async def serve(settings: GatewaySettings) -> None:
     open_methods = {"/PaymentGateway/Login", "/PaymentGateway/Logout",  # Logout checks its token itself
                     "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
     server = serving.make_server([LoggingInterceptor(), BearerAuthInterceptor(sessions.resolve, open_methods)])
-    servicer = GatewayServicer(users, banks, sessions, coordinator, settings.max_payment)
+    servicer = GatewayServicer(users, banks, sessions, coordinator, settings.max_payment, settings.login)
     payment_pb2_grpc.add_PaymentGatewayServicer_to_server(servicer, server)
     health = await serving.add_health(server)
     serving.bind(server, settings.port, credentials)
