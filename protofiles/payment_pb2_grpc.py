@@ -54,6 +54,11 @@ class PaymentGatewayStub:
                 request_serializer=protofiles_dot_payment__pb2.ListPaymentsRequest.SerializeToString,
                 response_deserializer=protofiles_dot_payment__pb2.ListPaymentsResponse.FromString,
                 _registered_method=True)
+        self.Logout = channel.unary_unary(
+                '/PaymentGateway/Logout',
+                request_serializer=protofiles_dot_payment__pb2.LogoutRequest.SerializeToString,
+                response_deserializer=protofiles_dot_payment__pb2.LogoutResponse.FromString,
+                _registered_method=True)
 
 
 class PaymentGatewayServicer:
@@ -87,6 +92,14 @@ class PaymentGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Logout(self, request, context):
+        """Ends the session of the bearer token sent with it. OK again for a token already logged out (a retry after
+        a lost reply); UNAUTHENTICATED for a token the gateway never issued or that has expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PaymentGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_PaymentGatewayServicer_to_server(servicer, server):
                     servicer.ListPayments,
                     request_deserializer=protofiles_dot_payment__pb2.ListPaymentsRequest.FromString,
                     response_serializer=protofiles_dot_payment__pb2.ListPaymentsResponse.SerializeToString,
+            ),
+            'Logout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Logout,
+                    request_deserializer=protofiles_dot_payment__pb2.LogoutRequest.FromString,
+                    response_serializer=protofiles_dot_payment__pb2.LogoutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class PaymentGateway:
             '/PaymentGateway/ListPayments',
             protofiles_dot_payment__pb2.ListPaymentsRequest.SerializeToString,
             protofiles_dot_payment__pb2.ListPaymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/PaymentGateway/Logout',
+            protofiles_dot_payment__pb2.LogoutRequest.SerializeToString,
+            protofiles_dot_payment__pb2.LogoutResponse.FromString,
             options,
             channel_credentials,
             insecure,

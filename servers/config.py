@@ -26,6 +26,8 @@ class User:
     accounts: tuple[str, ...]
     password_hash: str | None = None
     password: str | None = None
+    # Which credential the user has now (see credential_id): a session is valid only while it matches.
+    credential: str = ""
 
     def check_password(self, candidate: str) -> bool:
         if self.password_hash is not None:
@@ -53,6 +55,19 @@ def verify_password(candidate: str, encoded: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, expected)
+
+
+def credential_id(username: str, password_hash: str | None, password: str | None) -> str:
+    """A fingerprint of a user's current credential, stored with each session so that changing the password
+    ends the sessions issued before. It must not help anyone who reads the store to guess the password: a
+    password hash is salted and slow already, so a digest of it gives nothing away; a plain password is first
+    put through the same slow hash (salted with the username, so the result is stable across restarts and
+    gateways), so the digest costs a guesser as much as a hashed password would.
+    """
+    if password_hash is None:
+        salt = hashlib.sha256(b"strife-plain-credential\x1f" + username.encode()).digest()[:16]
+        password_hash = hash_password(password or "", salt=salt)
+    return hashlib.sha256(f"strife-credential\x1f{username}\x1f{password_hash}".encode()).hexdigest()[:32]
 
 
 def _read_json(path: Path) -> Any:
@@ -102,8 +117,8 @@ def load_users(config_dir: Path) -> dict[str, User]:
                 bank_of(account)
             except ValueError as exc:
                 raise ConfigError(f"{path}: user {name!r}: {exc}") from exc
-        users[name] = User(name, accounts, pw_hash if isinstance(pw_hash, str) else None,
-                           pw if isinstance(pw, str) else None)
+        pw_hash, pw = (pw_hash if isinstance(pw_hash, str) else None), (pw if isinstance(pw, str) else None)
+        users[name] = User(name, accounts, pw_hash, pw, credential_id(name, pw_hash, pw))
     return users
 
 

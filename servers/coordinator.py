@@ -90,11 +90,18 @@ class Coordinator:
         return sorted({bank_of(payment.from_account), bank_of(payment.to_account)})
 
     # ---- the life of a payment -------------------------------------------------------------------------------
-    async def run(self, payment: Payment) -> payment_pb2.PaymentResponse:
-        """Execute a claimed (or resumed, still undecided) payment to its decision and return the response."""
+    async def run(self, payment: Payment, refusal: str | None = None) -> payment_pb2.PaymentResponse:
+        """Execute a claimed (or resumed, still undecided) payment to its decision and return the response.
+
+        `refusal`: why today's configuration would not accept this payment (a resumed one: its dead owner
+        accepted it under another configuration, e.g. with a bank since removed). It is then decided as failed
+        without asking any bank (a vote it may have cast is released by the Abort that follows)."""
         try:
             crash_point("after_claim")
-            decision = await self._prepare(payment)
+            if refusal is not None:
+                decision = Decision(False, FAILED, f"could not complete: {refusal}; no money moved")
+            else:
+                decision = await self._prepare(payment)
             crash_point("after_prepare")
             response = self.response_for(payment, decision)
             await self.db.run(self.store.decide_in, payment, decision.commit, decision.status, decision.message,
@@ -171,7 +178,12 @@ class Coordinator:
         kind = "commit" if decided is Point.COMMIT_DECIDED else "abort"
         body = (payment_pb2.CommitRequest if kind == "commit" else payment_pb2.AbortRequest)(
             transaction_id=payment.txn_id)
-        order = sorted(banks)
+        for bank in sorted(b for b in banks if b not in self.banks):
+            # Removed from banks.json while this payment was open: the decision waits until the bank is back
+            # in the configuration (the completer retries), and any hold stays there until then.
+            log.warning("%s of %s at %s not sent: bank %s is not configured (banks.json)", kind, payment.txn_id,
+                        bank, bank)
+        order = sorted(b for b in banks if b in self.banks)
         results = await asyncio.gather(*(self.banks.links[b].send(kind, body, timeout) for b in order),
                                        return_exceptions=True)
         acked: set[str] = set()

@@ -2,6 +2,8 @@
 
     python -m servers.gateway_server [--port 50053] [--config-dir config] [--certs-dir certificates]
         [--data-dir data] [--txn-timeout 5] [--idempotency-ttl 604800] [--token-ttl 28800]
+        [--max-payment 10000000] [--login-failures-per-user 10] [--login-failures-per-peer 100]
+        [--login-window 60] [--login-concurrency 2]
 """
 from __future__ import annotations
 
@@ -27,15 +29,16 @@ from servers.config import ConfigError, User, load_banks, load_users, verify_pas
 from servers.coordinator import STATUS_ENUM, Banks, Coordinator
 from servers.faults import delay_at
 from servers.idempotency import Claim, ClaimKind, Payment, PaymentStore
-from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, current_user, note
+from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, bearer_token, current_user, note
 from servers.liveness import Owner
-from servers.money import MoneyError, bank_of, paise_to_rupees, rupees_to_paise
+from servers.login_guard import LoginGuard, LoginLimits, LoginRefused
+from servers.money import MAX_PAYMENT_PAISE, bank_of, format_paise, paise_to_rupees, rupees_to_paise
+from servers.payment_checks import Refusal, checked_amount, idempotency_key, refusal
 from servers.sessions import Sessions
 from servers.sqlite_store import GroupCommitter, SQLiteStore
 
 log = logging.getLogger("strife.gateway")
 
-MAX_KEY_LENGTH = 255
 _BALANCE_TIMEOUT = 2.0
 # Checked for unknown users so that a wrong username costs as long as a wrong password.
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
@@ -51,6 +54,8 @@ class GatewaySettings:
     idempotency_ttl: float
     token_ttl: float
     completer_interval: float
+    max_payment: int = MAX_PAYMENT_PAISE  # paise
+    login: LoginLimits = LoginLimits()
 
     @property
     def store_path(self) -> Path:
@@ -62,6 +67,20 @@ def _positive(value: str) -> float:
     if not math.isfinite(number) or number <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
     return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {value!r}")
+    return number
+
+
+def _max_payment(value: str) -> int:
+    try:
+        return rupees_to_paise(float(value))  # at most the hard ceiling, which the banks enforce too
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (not {value!r})") from exc
 
 
 def parse_args(argv: list[str] | None = None) -> GatewaySettings:
@@ -76,25 +95,31 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
     parser.add_argument("--token-ttl", type=_positive, default=8 * 3600.0, help="login token lifetime (s)")
     parser.add_argument("--completer-interval", type=_positive, default=1.0,
                         help="how often abandoned payments are looked for (s)")
+    parser.add_argument("--max-payment", type=_max_payment, default=MAX_PAYMENT_PAISE, metavar="RUPEES",
+                        help=f"largest payment accepted (at most the default, ₹{format_paise(MAX_PAYMENT_PAISE)})")
+    limits = LoginLimits()
+    parser.add_argument("--login-failures-per-user", type=_count, default=limits.failures_per_user,
+                        help="failed logins per username per window before logins for it are refused")
+    parser.add_argument("--login-failures-per-peer", type=_count, default=limits.failures_per_peer,
+                        help="failed logins per client address per window before its logins are refused")
+    parser.add_argument("--login-window", type=_positive, default=limits.window, help="login-limit window (s)")
+    parser.add_argument("--login-concurrency", type=_count, default=limits.concurrency,
+                        help="password checks (scrypt) run at once; further logins wait")
     a = parser.parse_args(argv)
+    login = LoginLimits(a.login_failures_per_user, a.login_failures_per_peer, a.login_window, a.login_concurrency)
     return GatewaySettings(a.port, a.config_dir, a.certs_dir, a.data_dir, a.txn_timeout, a.idempotency_ttl,
-                           a.token_ttl, a.completer_interval)
-
-
-def _metadata(context: grpc.ServicerContext, key: str) -> list[str]:
-    return [v for k, v in (context.invocation_metadata() or ()) if k == key and isinstance(v, str)]
-
-
-def _valid_key(key: str) -> bool:
-    return 1 <= len(key) <= MAX_KEY_LENGTH and all(" " <= ch <= "~" for ch in key)
+                           a.token_ttl, a.completer_interval, a.max_payment, login)
 
 
 class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
-    def __init__(self, users: dict[str, User], banks: Banks, sessions: Sessions, coordinator: Coordinator) -> None:
+    def __init__(self, users: dict[str, User], banks: Banks, sessions: Sessions, coordinator: Coordinator,
+                 max_payment: int = MAX_PAYMENT_PAISE, login_limits: LoginLimits = LoginLimits()) -> None:
         self.users = users
         self.banks = banks
         self.sessions = sessions
         self.coordinator = coordinator
+        self.max_payment = max_payment
+        self.login_guard = LoginGuard(login_limits)
         self.store = coordinator.store
         self.db = coordinator.db
         self.running: set[asyncio.Task] = set()  # payments being executed, shielded from their callers
@@ -108,50 +133,31 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
                     context: grpc.aio.ServicerContext) -> payment_pb2.LoginResponse:
         note(user=request.username[:64])
         user = self.users.get(request.username)
-        loop = asyncio.get_running_loop()
-        # scrypt is deliberately slow: check it off the event loop so other calls are not held up.
-        if user is None or len(request.password) > 1024:
-            await loop.run_in_executor(None, verify_password, request.password[:1024], _DUMMY_HASH)
+        password = request.password
+        if user is None or len(password) > 1024:
+            # As slow as a real check, so that a wrong username cannot be told from a wrong password.
+            check = lambda: verify_password(password[:1024], _DUMMY_HASH) and False  # noqa: E731
+        else:
+            check = lambda: user.check_password(password)  # noqa: E731
+        try:  # scrypt is deliberately slow: the guard limits it and runs it off the event loop
+            right = await self.login_guard.check(request.username, context.peer(), check)
+        except LoginRefused as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if not right or user is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
-        if not await loop.run_in_executor(None, user.check_password, request.password):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
-        token, expires = await self.db.run(self.sessions.create_in, user.username)
+        token, expires = await self.db.run(self.sessions.create_in, user.username, user.credential)
         return payment_pb2.LoginResponse(token=token, expires_at_unix=int(expires), accounts=list(user.accounts))
 
-    @staticmethod
-    async def _idempotency_key(request: payment_pb2.PaymentRequest, context: grpc.aio.ServicerContext) -> str:
-        values = _metadata(context, "idempotency-key")
-        if len(values) > 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send one idempotency-key, not several")
-        key = values[0] if values else request.transaction_id
-        if not key:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "missing idempotency key: send 'idempotency-key' metadata (or transaction_id)")
-        if not _valid_key(key):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"idempotency key must be 1–{MAX_KEY_LENGTH} printable ASCII characters")
-        return key
-
-    async def _validate(self, username: str, request: payment_pb2.PaymentRequest,
-                        context: grpc.aio.ServicerContext) -> int:
-        """Every check that needs no store; returns the amount in paise."""
-        for field, account in (("from_account", request.from_account), ("to_account", request.to_account)):
-            try:
-                bank = bank_of(account)
-            except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {exc}")
-            if bank not in self.banks:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: unknown bank {bank!r}")
-        if request.from_account not in self.users[username].accounts:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"account {request.from_account} does not belong to {username}")
-        if request.from_account == request.to_account:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "from_account and to_account are the same account")
-        try:
-            return rupees_to_paise(request.amount)
-        except MoneyError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def Logout(self, request: payment_pb2.LogoutRequest,
+                     context: grpc.aio.ServicerContext) -> payment_pb2.LogoutResponse:
+        # Not behind the auth interceptor: a token already logged out is answered OK (its holder retrying
+        # after a lost reply); only a token never issued, or expired, is refused.
+        token = await bearer_token(context)
+        username = await self.db.run(self.sessions.revoke_in, token)  # every call after this reads the change
+        if username is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "token is unknown or expired")
+        note(user=username)
+        return payment_pb2.LogoutResponse()
 
     async def _replay(self, payment: Payment, context: grpc.aio.ServicerContext) -> payment_pb2.PaymentResponse:
         note(retry_kind="replay", txn=payment.txn_id)
@@ -163,9 +169,11 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
     async def ProcessPayment(self, request: payment_pb2.PaymentRequest,
                              context: grpc.aio.ServicerContext) -> payment_pb2.PaymentResponse:
         username = current_user()
-        key = await self._idempotency_key(request, context)
+        key = await idempotency_key(request, context)
         note(key=key, amount=request.amount, to=request.to_account[:40])
-        amount = await self._validate(username, request, context)
+        amount = await checked_amount(request, context)
+        # Today's configuration decides only whether a new key may be stored: a key with an outcome replays it.
+        refused = refusal(self.users[username], self.banks, self.max_payment, request, amount)
 
         # One indexed read in the claim's transaction tells a new key from a replay, a mismatch or a payment
         # in flight. (A separate read before it, to serve replays outside the write path, cost new payments
@@ -175,7 +183,7 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         # retry for as long as this process lives. So the claim is shielded from the caller's cancellation,
         # and a caller that goes away meanwhile leaves its payment to be started once the claim is in.
         claim_write = self.db.submit(self.store.claim_in, username, key, request.from_account, request.to_account,
-                                     amount)
+                                     amount, refused is None)
         try:
             claim = await asyncio.shield(claim_write)
             self.store.forget_previous_owner(claim)
@@ -183,8 +191,10 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
             if delay:
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
-            claim_write.add_done_callback(self._run_claim_of_gone_caller)
+            claim_write.add_done_callback(lambda done: self._run_claim_of_gone_caller(done, refused))
             raise
+        if claim.kind is ClaimKind.REFUSED and refused is not None:
+            await context.abort(refused.code, refused.message)
         if claim.kind is ClaimKind.MISMATCH:
             note(retry_kind="mismatch")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -201,17 +211,19 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         if claim.kind is ClaimKind.RESUMED:
             note(retry_kind="resumed")
         # The payment runs as a task of its own, shielded too: its outcome is stored and a retry gets it.
-        response = await asyncio.shield(self._run(payment))
+        response = await asyncio.shield(self._run(payment, refused))
         note(outcome=payment_pb2.PaymentStatus.Name(response.status).removeprefix("PAYMENT_STATUS_").lower())
         return response
 
-    def _run(self, payment: Payment) -> "asyncio.Task[payment_pb2.PaymentResponse]":
-        task = asyncio.ensure_future(self.coordinator.run(payment))
+    def _run(self, payment: Payment, refused: Refusal | None) -> "asyncio.Task[payment_pb2.PaymentResponse]":
+        # Only a resumed payment can be refused here (a new one is not claimed): its dead owner accepted it
+        # under another configuration, and this one cannot execute it, so it is decided as failed.
+        task = asyncio.ensure_future(self.coordinator.run(payment, refused.message if refused else None))
         self.running.add(task)
         task.add_done_callback(self.running.discard)
         return task
 
-    def _run_claim_of_gone_caller(self, claim_write: "asyncio.Future[Claim]") -> None:
+    def _run_claim_of_gone_caller(self, claim_write: "asyncio.Future[Claim]", refused: Refusal | None) -> None:
         """The caller went away before its claim was in: if the claim made this process the payment's
         executor, run the payment all the same."""
         if claim_write.cancelled() or claim_write.exception() is not None:
@@ -219,7 +231,7 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         claim = claim_write.result()
         self.store.forget_previous_owner(claim)
         if claim.kind in (ClaimKind.NEW, ClaimKind.RESUMED):
-            self._run(claim.payment)
+            self._run(claim.payment, refused)
 
     async def GetBalance(self, request: payment_pb2.GatewayBalanceRequest,
                          context: grpc.aio.ServicerContext) -> payment_pb2.GatewayBalanceResponse:
@@ -304,14 +316,16 @@ async def serve(settings: GatewaySettings) -> None:
     sqlite = SQLiteStore(settings.store_path, "", preallocate=True)
     owner = Owner(settings.data_dir)
     store = PaymentStore(sqlite, owner)
-    sessions = Sessions(sqlite, settings.token_ttl)
+    sessions = Sessions(sqlite, settings.token_ttl,
+                        lambda name: users[name].credential if name in users else None)
     db = GroupCommitter(sqlite, commit_in_thread=True)
     stop = asyncio.Event()
     coordinator = Coordinator(store, db, banks, settings.txn_timeout, stop)
 
-    open_methods = {"/PaymentGateway/Login", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
+    open_methods = {"/PaymentGateway/Login", "/PaymentGateway/Logout",  # Logout checks its token itself
+                    "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
     server = serving.make_server([LoggingInterceptor(), BearerAuthInterceptor(sessions.resolve, open_methods)])
-    servicer = GatewayServicer(users, banks, sessions, coordinator)
+    servicer = GatewayServicer(users, banks, sessions, coordinator, settings.max_payment, settings.login)
     payment_pb2_grpc.add_PaymentGatewayServicer_to_server(servicer, server)
     health = await serving.add_health(server)
     serving.bind(server, settings.port, credentials)

@@ -78,6 +78,7 @@ class ClaimKind(enum.Enum):
     REPLAY = "replay"         # decided earlier: return the stored response
     MISMATCH = "mismatch"     # same key, other parameters
     IN_FLIGHT = "in_flight"   # a live process is executing it right now
+    REFUSED = "refused"       # a new key, but the caller may not insert it (see claim_in): nothing stored
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,10 @@ class PaymentStore:
 
     # Each operation exists twice: `x(...)` runs in a transaction of its own (committed on return), and
     # `x_in(db, ...)` inside the caller's, which is how the gateway group-commits (sqlite_store.GroupCommitter).
-    def claim(self, username: str, key: str, from_account: str, to_account: str, amount: int) -> Claim:
+    def claim(self, username: str, key: str, from_account: str, to_account: str, amount: int,
+              may_insert: bool = True) -> Claim:
         with self._store.transaction() as db:
-            claim = self.claim_in(db, username, key, from_account, to_account, amount)
+            claim = self.claim_in(db, username, key, from_account, to_account, amount, may_insert)
         self.forget_previous_owner(claim)
         return claim
 
@@ -179,10 +181,14 @@ class PaymentStore:
             self.owner.forget(claim.previous_owner)
 
     def claim_in(self, db: sqlite3.Connection, username: str, key: str, from_account: str, to_account: str,
-                 amount: int) -> Claim:
+                 amount: int, may_insert: bool = True) -> Claim:
+        """Claim a key, or find what it already holds. `may_insert=False` (today's configuration refuses the
+        request) still finds a stored key, to replay it, but inserts no new one: REFUSED instead of NEW."""
         fp = fingerprint(from_account, to_account, amount)
         now = time.time()
         row = db.execute(_SELECT + " WHERE k.username = ? AND k.idem_key = ?", (username, key)).fetchone()
+        if row is None and not may_insert:
+            return Claim(ClaimKind.REFUSED)
         if row is None:
             txn_id = f"txn-{uuid.uuid4().hex}"
             payment_id = db.execute(

@@ -167,6 +167,22 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_unary(handler, wrapper)
 
 
+async def bearer_token(context: grpc.aio.ServicerContext) -> str:
+    """The token of the call's `authorization: Bearer <token>` metadata; aborts UNAUTHENTICATED without one."""
+    header = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            header = value if isinstance(value, str) else ""
+            break
+    scheme, _, token = header.partition(" ")
+    if not header:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing authorization metadata; log in"
+                            " and send 'authorization: Bearer <token>'")
+    if scheme.lower() != "bearer" or not token.strip():
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'")
+    return token.strip()
+
+
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Every method except the open ones needs `authorization: Bearer <token>` naming a live session."""
 
@@ -184,21 +200,10 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         def wrapper(inner: Behavior) -> Behavior:
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                header = ""
-                for key, value in context.invocation_metadata() or ():
-                    if key == "authorization":
-                        header = value if isinstance(value, str) else ""
-                        break
-                scheme, _, token = header.partition(" ")
-                if not header:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing authorization metadata; log in"
-                                        " and send 'authorization: Bearer <token>'")
-                if scheme.lower() != "bearer" or not token.strip():
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                        "authorization metadata must be 'Bearer <token>'")
-                user = self._resolve(token.strip())
+                user = self._resolve(await bearer_token(context))
                 if user is None:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "token is unknown or expired; log in again")
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "token is unknown, expired or ended (logged"
+                                        " out, password changed, user removed); log in again")
                 note(user=user)
                 reset = _USER.set(user)
                 try:

@@ -252,10 +252,12 @@ class Cluster:
         self.wait_gateway()
         return self
 
-    def restart(self, name: str) -> Proc:
+    def restart(self, name: str, extra_args: Iterable[str] = ()) -> Proc:
+        """SIGKILL a server and start it again on its data, re-reading its config files. `extra_args` are added
+        to its command line (of a flag given twice, the last wins)."""
         proc = self.procs[name]
         proc.kill()
-        self.procs[name] = Proc(proc.name, proc.args, proc.log_path).start()  # without crash points
+        self.procs[name] = Proc(proc.name, [*proc.args, *extra_args], proc.log_path).start()  # without crash points
         if name == "gateway":
             self.wait_gateway()
         else:

@@ -82,7 +82,11 @@ class Fuzzed:
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> Iterator[Fuzzed]:
-    cluster = Cluster(root=tmp_path_factory.mktemp("fuzz"), certs_dir=certs_dir).start()
+    # Login limits out of the way: this module checks that every answer is clear and that only the right
+    # password gets in, over many wrong logins from one address (tests/test_login_limits.py tests the limits).
+    cluster = Cluster(root=tmp_path_factory.mktemp("fuzz"), certs_dir=certs_dir,
+                      gateway_args=["--login-failures-per-user", "100000", "--login-failures-per-peer", "100000"]
+                      ).start()
     try:
         clients = {user: cluster.client(user) for user in ("alice", "bob")}
         banks = {bank: cluster.bank_stub(bank) for bank in OPENING}

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from protofiles import payment_pb2 as pb
-from tests.harness import OPENING_TOTAL, Cluster, send_duplicates, wait_until
+from tests.harness import OPENING_ACCOUNTS, OPENING_TOTAL, Client, Cluster, send_duplicates, wait_until
 
 
 def key() -> str:
@@ -85,6 +85,32 @@ def test_missing_or_invalid_key_is_rejected(cluster: Cluster, bad_key: str) -> N
 def test_key_of_255_printable_characters_is_accepted(cluster: Cluster) -> None:
     alice = cluster.client("alice")
     assert alice.pay("k" * 255, "SBI-1001", "HDFC-2001", 1).success
+
+
+@pytest.mark.parametrize("bad_key", ["k ", " k", " ", "  k  "])
+@pytest.mark.parametrize("how", ["metadata", "transaction_id"])
+def test_key_with_a_leading_or_trailing_space_is_rejected(untouched: Cluster, alice: Client, bad_key: str,
+                                                          how: str) -> None:
+    """A proxy that trims header values would make "k " the same key as "k" on one path and not on another:
+    a retry could become a second payment. Such keys are refused, and nothing is stored."""
+    with pytest.raises(grpc.RpcError) as err:
+        if how == "metadata":
+            alice.pay(bad_key, "SBI-1001", "HDFC-2001", 5)
+        else:
+            alice.pay(None, "SBI-1001", "HDFC-2001", 5, transaction_id=bad_key)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "space" in err.value.details()
+    with untouched.gateway_db() as db:
+        assert db.execute("SELECT count(*) FROM idempotency_keys").fetchone()[0] == 0
+    assert untouched.accounts() == OPENING_ACCOUNTS
+
+
+def test_key_with_an_inner_space_is_a_key_of_its_own(cluster: Cluster) -> None:
+    alice = cluster.client("alice")
+    first = alice.pay("order 17", "SBI-1001", "HDFC-2001", 5)
+    assert first.success and alice.pay("order 17", "SBI-1001", "HDFC-2001", 5).replayed
+    assert not alice.pay("order17", "SBI-1001", "HDFC-2001", 5).replayed
+    assert cluster.balance("SBI-1001") == 500_000 - 1_000
 
 
 def test_key_reused_with_other_parameters_is_rejected(cluster: Cluster) -> None:

@@ -131,6 +131,9 @@ class FakeGateway:
             raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
         return LoginResult("fake-token", FIXED_NOW + 8 * 3600, ("SBI-1001", "HDFC-2002"))
 
+    def logout(self, token: str) -> None:
+        pass
+
     def pay(self, token: str, key: str, from_account: str, to_account: str, amount_paise: int) -> PaymentReply:
         self.paid.append((key, from_account, to_account, amount_paise))
         return PaymentReply("succeeded", f"txn-{len(self.paid)}", "paid", False)

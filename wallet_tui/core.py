@@ -123,10 +123,24 @@ class WalletCore:
                                      clock=self.clock)
             self.engine.login_required = True
 
-    def logout(self) -> None:
+    def logout(self) -> threading.Thread | None:
+        """Log out here at once, and end the session at the gateway in the background, best effort (the call
+        has a deadline; a gateway that cannot be reached lets the token expire). Returns that thread, if any."""
         with self._lock:
+            token = self._token()
             self.session = None
             self._close_outbox()
+        if not token:
+            return None
+        ending = threading.Thread(target=self._end_session, args=(token,), name="wallet-logout", daemon=True)
+        ending.start()
+        return ending
+
+    def _end_session(self, token: str) -> None:
+        try:
+            self.gateway.logout(token)
+        except (GatewayError, ValueError):  # ValueError: the wallet closed the channel meanwhile (quitting)
+            pass  # offline, or the token had expired already: either way it no longer works for this wallet
 
     def _close_outbox(self) -> None:
         if self.outbox is not None:

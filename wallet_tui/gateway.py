@@ -19,6 +19,7 @@ from wallet_tui.money import paise_to_wire, wire_to_paise
 LOGIN_TIMEOUT = 10.0      # the gateway checks a slow (scrypt) password hash
 READ_TIMEOUT = 5.0        # balances (fans out to the banks, 2 s each) and history
 HEALTH_TIMEOUT = 2.0
+LOGOUT_TIMEOUT = 2.0      # best effort: a wallet that cannot reach the gateway logs out locally all the same
 # The name the gateway's certificate must carry (CONTRACT §3), whatever host it is dialled at: every
 # CA-signed certificate (a bank's too) is valid for `localhost`; only the gateway's names `gateway`, so a
 # process holding a bank's certificate fails the handshake before any password is sent.
@@ -82,6 +83,7 @@ class Gateway(Protocol):
     """What the wallet needs from a gateway; `GrpcGateway` is the real one, tests may inject a fake."""
 
     def login(self, username: str, password: str) -> LoginResult: ...
+    def logout(self, token: str) -> None: ...
     def pay(self, token: str, key: str, from_account: str, to_account: str, amount_paise: int) -> PaymentReply: ...
     def balances(self, token: str) -> list[Balance]: ...
     def history(self, token: str, limit: int = 50) -> list[HistoryRecord]: ...
@@ -130,6 +132,11 @@ class GrpcGateway:
         reply = self._call(self._stub.Login, payment_pb2.LoginRequest(username=username, password=password),
                            timeout=LOGIN_TIMEOUT)
         return LoginResult(reply.token, float(reply.expires_at_unix), tuple(reply.accounts))
+
+    def logout(self, token: str) -> None:
+        """End the session at the gateway, so the token stops working there too."""
+        self._call(self._stub.Logout, payment_pb2.LogoutRequest(), timeout=LOGOUT_TIMEOUT,
+                   metadata=self._auth(token))
 
     def pay(self, token: str, key: str, from_account: str, to_account: str, amount_paise: int) -> PaymentReply:
         request = payment_pb2.PaymentRequest(from_account=from_account, to_account=to_account,
