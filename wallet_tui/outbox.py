@@ -15,6 +15,11 @@ the number of writes per payment well below one: `record_attempts` marks a batch
 payments as "may have been sent" in one write before they are sent one by one, and `finish_many` moves the
 batch's final outcomes in one write per file. A crash inside a batch costs only the ability to cancel its
 unsent payments, and the resend of payments whose outcome was not yet recorded (same keys: the gateway replays).
+
+Several wallets of one user may share the files (two terminals): every read-modify-write holds `OutboxLock` (an
+flock) and works on the file as it is on disk (no cache), and a record's TinyDB id is its idempotency key, so
+two wallets can never hand out the same id (TinyDB's own counter is per process) nor overwrite each other.
+Both may drain the same queue: the same keys reach the gateway, which pays each once and replays the outcome.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from tinydb import Query, TinyDB
+from tinydb import TinyDB
+from tinydb.table import Document, Table
 
 from wallet_tui.storage import AtomicJSONStorage, OutboxLock
 
@@ -69,6 +75,21 @@ class OutboxEntry:
         return cls(**{k: v for k, v in doc.items() if k in names})
 
 
+class _KeyedTable(Table):
+    """A table whose document ids are the records' idempotency keys (strings), never TinyDB's counter."""
+
+    document_id_class = str
+
+
+class _KeyedDB(TinyDB):
+    table_class = _KeyedTable
+
+
+def _doc(entry: OutboxEntry | dict[str, Any]) -> Document:
+    data = asdict(entry) if isinstance(entry, OutboxEntry) else entry
+    return Document(data, doc_id=data["key"])
+
+
 def _file_stem(username: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", username) and not username.startswith("."):
         return username
@@ -83,17 +104,30 @@ class Outbox:
         self.path = directory / f"{stem}.outbox.json"
         self.finished_path = directory / f"{stem}.finished.json"
         self._lock = OutboxLock(directory / f"{stem}.lock")
-        self._hot_db = TinyDB(self.path, storage=AtomicJSONStorage)
-        self._done_db = TinyDB(self.finished_path, storage=AtomicJSONStorage)
+        self._hot_db = _KeyedDB(self.path, storage=AtomicJSONStorage)
+        self._done_db = _KeyedDB(self.finished_path, storage=AtomicJSONStorage)
         # cache_size=0: another wallet process may have written the file since this one last read it
         self._hot = self._hot_db.table("pending", cache_size=0)
         self._done = self._done_db.table("finished", cache_size=0)
-        self._finish_interrupted_moves()
+        try:
+            self._tidy()
+        except BaseException:
+            self.close()
+            raise
 
-    def _finish_interrupted_moves(self) -> None:
+    def _tidy(self) -> None:
+        """On opening: finish a move a crash interrupted (the finished copy wins), and re-key records written
+        by wallets older than this one (TinyDB's counter as id) by their idempotency key, in one write per
+        file."""
         with self._lock:
-            done = {doc["key"] for doc in self._done.all()}
-            stale = [doc.doc_id for doc in self._hot.all() if doc["key"] in done]
+            for db, name in ((self._done_db, "finished"), (self._hot_db, "pending")):
+                data = db.storage.read() or {}
+                table = data.get(name, {})
+                if any(doc_id != doc["key"] for doc_id, doc in table.items()):
+                    data[name] = {doc["key"]: doc for doc in table.values()}
+                    db.storage.write(data)
+            done = {doc.doc_id for doc in self._done.all()}
+            stale = [doc.doc_id for doc in self._hot.all() if doc.doc_id in done]
             if stale:
                 self._hot.remove(doc_ids=stale)
 
@@ -106,7 +140,7 @@ class Outbox:
 
     def get(self, key: str) -> OutboxEntry | None:
         with self._lock:
-            doc = self._hot.get(Query().key == key) or self._done.get(Query().key == key)
+            doc = self._hot.get(doc_id=key) or self._done.get(doc_id=key)
         return OutboxEntry.from_doc(doc) if doc else None
 
     def finished(self, limit: int = 100) -> list[OutboxEntry]:
@@ -121,15 +155,15 @@ class Outbox:
         entry = OutboxEntry(key=str(uuid.uuid4()), from_account=from_account, to_account=to_account,
                             amount_paise=amount_paise, created_at=self.clock())
         with self._lock:
-            self._hot.insert(asdict(entry))
+            self._hot.insert(_doc(entry))
         return entry
 
     def _update(self, key: str, **changes: Any) -> OutboxEntry | None:
         with self._lock:
-            doc = self._hot.get(Query().key == key)
+            doc = self._hot.get(doc_id=key)
             if doc is None:
                 return None
-            self._hot.update(changes, doc_ids=[doc.doc_id])
+            self._hot.update(changes, doc_ids=[key])
             return OutboxEntry.from_doc({**doc, **changes})
 
     def record_attempt(self, key: str) -> OutboxEntry | None:
@@ -193,22 +227,25 @@ class Outbox:
             return []
         now = self.clock()
         with self._lock:
-            docs = {doc["key"]: doc for doc in self._hot.all()}
+            docs = {doc.doc_id: doc for doc in self._hot.all()}
             moved: list[OutboxEntry] = []
-            ids: list[int] = []
             for key, status, message, transaction_id in outcomes:
                 doc = docs.pop(key, None)
                 if doc is None:
-                    continue
+                    continue   # finished meanwhile (by this wallet or another one of the same user)
                 entry = OutboxEntry.from_doc(doc)
                 entry.status, entry.message, entry.transaction_id = status, message, transaction_id
                 entry.finished_at = now
                 moved.append(entry)
-                ids.append(doc.doc_id)
             if not moved:
                 return []
-            self._done.insert_multiple([asdict(e) for e in moved])   # 1: the final records are durable …
-            self._hot.remove(doc_ids=ids)                              # 2: … before the pending ones go
+            # A record already finished (a move a crash cut short, finished by another wallet meanwhile) keeps
+            # its first final outcome: the gateway gives one outcome per key, so the copies agree anyway.
+            done = {doc.doc_id for doc in self._done.all()}
+            fresh = [_doc(e) for e in moved if e.key not in done]
+            if fresh:
+                self._done.insert_multiple(fresh)                      # 1: the final records are durable …
+            self._hot.remove(doc_ids=[e.key for e in moved])           # 2: … before the pending ones go
             self._trim_finished()
             return moved
 
