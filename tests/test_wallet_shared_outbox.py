@@ -1,7 +1,8 @@
 """Two wallets of one user on one data directory (two terminals): real processes sharing the outbox files.
 Every payment either one queues is kept, every final record either one writes is kept, neither overwrites the
 other, and when both drain the same queue each payment is paid once and reported once; files of older wallets
-(TinyDB's counter as id) are re-keyed."""
+(TinyDB's counter as id) are re-keyed. Also: a payment that cannot be written to the outbox stays in the form,
+and the user is told why."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,11 @@ from typing import Any, Iterator
 import pytest
 
 from tests.harness import OPENING_TOTAL, REPO, Cluster
-from tests.wallet_support import wallet_argv
+from tests.wallet_support import FakeGateway, Toasts, fake_app, login, pay, wait_for, wallet_argv
 from wallet_tui.outbox import Outbox
+from wallet_tui.storage import AtomicJSONStorage
+
+SIZE = (120, 36)
 
 # One wallet's outbox, driven one JSON command per line: each reply is ["ok", result] or ["error", repr].
 OUTBOX_DRIVER = """
@@ -224,3 +228,32 @@ def test_two_wallets_draining_one_queue_pay_each_payment_once(cluster: Cluster, 
     assert cluster.balance("SBI-1001") == 500_000 - sum(amounts.values())
     assert cluster.total() == OPENING_TOTAL and cluster.holds() == 0
 
+
+async def test_a_payment_that_cannot_be_queued_stays_in_the_form_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toasts = Toasts()
+    app = fake_app(tmp_path, FakeGateway())
+    async with app.run_test(size=SIZE, message_hook=toasts) as pilot:
+        await login(pilot, "alice", "alice123")
+        original_write = AtomicJSONStorage.write
+
+        def disk_full(self: AtomicJSONStorage, data: dict) -> None:  # type: ignore[type-arg]
+            # a full disk cannot be had on demand here; the write fails as os.write would
+            raise OSError(28, "No space left on device", str(self.path))
+
+        monkeypatch.setattr(AtomicJSONStorage, "write", disk_full)
+        await pay(pilot, "HDFC-2001", "12.50")
+        await wait_for(pilot, lambda: toasts.titled("Payment not queued"), message="the not-queued toast")
+        [toast] = toasts.titled("Payment not queued")
+        assert "No space left on device" in toast and "still in the form" in toast
+        form_error = str(app.screen.query_one("#form-error").render())
+        assert "No space left on device" in form_error
+        assert app.screen.query_one("#to-account").value == "HDFC-2001"     # nothing typed is lost
+        assert app.screen.query_one("#amount").value == "12.50"
+        assert app.core.outbox.pending() == [] and app.screen.query_one("#pending").row_count == 0
+
+        monkeypatch.setattr(AtomicJSONStorage, "write", original_write)   # space again: the same form works
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: toasts.titled("Payment sent"), message="the payment sent")
+        assert app.screen.query_one("#amount").value == ""
+        assert [p[3] for p in app.core.gateway.paid] == [1_250]
