@@ -165,7 +165,7 @@ def test_outbox_written_by_an_older_wallet_is_rekeyed_and_keeps_everything(tmp_p
     outbox = Outbox(tmp_path, "alice")
     assert [(e.key, e.amount_paise, e.attempts) for e in outbox.pending()] == [("old-key-1", 100, 1),
                                                                                ("old-key-2", 200, 0)]
-    assert [e.key for e in outbox.finished()] == ["old-key-3"]
+    assert [e.key for e in outbox.finished()] == ["old-key-3"] and outbox.take_repairs() == []
     assert sorted(json.loads((tmp_path / "alice.outbox.json").read_text())["pending"]) == ["old-key-1",
                                                                                            "old-key-2"]
     assert outbox.finish("old-key-2", "succeeded").status == "succeeded"

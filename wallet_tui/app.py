@@ -15,6 +15,7 @@ from wallet_tui.outbox import OutboxEntry
 from wallet_tui.screens.login import LoginScreen
 from wallet_tui.screens.main import MainScreen
 from wallet_tui.settings import WalletSettings, parse_args
+from wallet_tui.storage import Repair
 from wallet_tui.sync import Deferred, Event, Finished, LoginRequired, WentOffline
 
 OUTCOME_TOAST = {  # status → (title, severity, verb)
@@ -100,6 +101,16 @@ class WalletApp(App):
             text += f"\n{entry.message}"
         self.notify(text, title=title, severity=severity, markup=False,  # server text is never markup
                     timeout=5 if entry.status == "succeeded" else 10)
+
+    def show_repairs(self, repairs: list[Repair]) -> None:
+        for repair in repairs:
+            what = "queued payment" if repair.path.name.endswith(".outbox.json") else "finished record"
+            count = f"{repair.recovered} {what}{'s' if repair.recovered != 1 else ''}"
+            self.notify(f"{repair.path.name} was damaged ({repair.problem}). {count} could be read back and "
+                        f"{'are' if repair.recovered != 1 else 'is'} kept. The damaged file is saved as "
+                        f"{repair.copy}: a payment missing from Pending may be only there, so check your "
+                        "history before paying it again.", title="Outbox repaired", severity="error",
+                        markup=False, timeout=60)
 
     def notify_queued(self, entry: OutboxEntry) -> None:
         assert self.core is not None

@@ -38,10 +38,11 @@ class DataLoaded(Message):
 
 
 class LoginResult(Message):
-    def __init__(self, session: Session | None, error: str = "") -> None:
+    def __init__(self, session: Session | None, error: str = "", *, toast: str = "") -> None:
         super().__init__()
         self.session = session
         self.error = error
+        self.toast = toast        # a toast's title when the error deserves more than the line on the form
 
 
 class PaymentQueued(Message):

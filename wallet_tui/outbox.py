@@ -20,6 +20,8 @@ Several wallets of one user may share the files (two terminals): every read-modi
 flock) and works on the file as it is on disk (no cache), and a record's TinyDB id is its idempotency key, so
 two wallets can never hand out the same id (TinyDB's own counter is per process) nor overwrite each other.
 Both may drain the same queue: the same keys reach the gateway, which pays each once and replays the outcome.
+
+A damaged file (see `storage`) is kept aside and its whole records salvaged; `take_repairs` says what happened.
 """
 from __future__ import annotations
 
@@ -29,12 +31,12 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tinydb import TinyDB
 from tinydb.table import Document, Table
 
-from wallet_tui.storage import AtomicJSONStorage, OutboxLock
+from wallet_tui.storage import AtomicJSONStorage, OutboxLock, Repair
 
 FINAL_STATUSES = ("succeeded", "declined", "failed", "expired", "cancelled")
 FINISHED_KEPT = 500   # the finished file keeps the newest this many …
@@ -75,6 +77,58 @@ class OutboxEntry:
         return cls(**{k: v for k, v in doc.items() if k in names})
 
 
+# What a record must hold for the wallet to use it; a record without these is damage, not a payment.
+_REQUIRED: dict[str, type | tuple[type, ...]] = {"key": str, "from_account": str, "to_account": str,
+                                                 "amount_paise": int, "created_at": (int, float)}
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {"attempts": int, "last_attempt_at": (int, float),
+                                                 "next_attempt_at": (int, float), "last_error": str,
+                                                 "status": str, "message": str, "transaction_id": str,
+                                                 "finished_at": (int, float)}
+
+
+def record_problem(doc: Any) -> str:
+    """Why `doc` is not a usable outbox record; "" when it is."""
+    if not isinstance(doc, dict):
+        return "a record is not an object"
+    for name, kind in _REQUIRED.items():
+        value = doc.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"a record has no valid {name!r}"
+    if not doc["key"] or doc["amount_paise"] <= 0:
+        return "a record has an empty key or a non-positive amount"
+    for name, kind in _OPTIONAL.items():
+        if name in doc and (not isinstance(doc[name], kind) or isinstance(doc[name], bool)):
+            return f"record {doc['key']} has an invalid {name!r}"
+    return ""
+
+
+class _OutboxSchema:
+    """One table of records keyed by their idempotency key (see `storage.Schema`)."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+
+    def problem(self, data: Any) -> str:
+        if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
+            return "not an outbox file"
+        for doc in data.get(self.table, {}).values():
+            if problem := record_problem(doc):
+                return problem
+        return ""
+
+    def rebuild(self, records: Iterator[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], int]:
+        kept: dict[str, dict[str, Any]] = {}
+        for doc in records:
+            if record_problem(doc):
+                continue
+            # the same payment twice: keep the copy with more send attempts, so a payment that may have
+            # reached the gateway never looks unsent (and so cancellable)
+            other = kept.get(doc["key"])
+            if other is None or doc.get("attempts", 0) > other.get("attempts", 0):
+                kept[doc["key"]] = doc
+        return {self.table: kept}, len(kept)
+
+
 class _KeyedTable(Table):
     """A table whose document ids are the records' idempotency keys (strings), never TinyDB's counter."""
 
@@ -104,8 +158,8 @@ class Outbox:
         self.path = directory / f"{stem}.outbox.json"
         self.finished_path = directory / f"{stem}.finished.json"
         self._lock = OutboxLock(directory / f"{stem}.lock")
-        self._hot_db = _KeyedDB(self.path, storage=AtomicJSONStorage)
-        self._done_db = _KeyedDB(self.finished_path, storage=AtomicJSONStorage)
+        self._hot_db = _KeyedDB(self.path, storage=AtomicJSONStorage, schema=_OutboxSchema("pending"))
+        self._done_db = _KeyedDB(self.finished_path, storage=AtomicJSONStorage, schema=_OutboxSchema("finished"))
         # cache_size=0: another wallet process may have written the file since this one last read it
         self._hot = self._hot_db.table("pending", cache_size=0)
         self._done = self._done_db.table("finished", cache_size=0)
@@ -118,7 +172,7 @@ class Outbox:
     def _tidy(self) -> None:
         """On opening: finish a move a crash interrupted (the finished copy wins), and re-key records written
         by wallets older than this one (TinyDB's counter as id) by their idempotency key, in one write per
-        file."""
+        file. Reading is also what finds (and repairs) a damaged file."""
         with self._lock:
             for db, name in ((self._done_db, "finished"), (self._hot_db, "pending")):
                 data = db.storage.read() or {}
@@ -130,6 +184,16 @@ class Outbox:
             stale = [doc.doc_id for doc in self._hot.all() if doc.doc_id in done]
             if stale:
                 self._hot.remove(doc_ids=stale)
+
+    def take_repairs(self) -> list[Repair]:
+        """Damaged files found (and repaired) since the last call, for the user to be told once."""
+        repairs: list[Repair] = []
+        for db in (self._hot_db, self._done_db):
+            storage = db.storage
+            assert isinstance(storage, AtomicJSONStorage)
+            repairs += storage.repairs
+            storage.repairs = []
+        return repairs
 
     # ---- reading -------------------------------------------------------------------------------------------
     def pending(self) -> list[OutboxEntry]:

@@ -41,6 +41,7 @@ class MainScreen(Screen):
         self.session = session
         self._poll_timer: Timer | None = None
         self._poll_running = False
+        self._poll_worker: Worker[None] | None = None
         self._poll_again = False
         self._submitting: set[tuple[str, str, int]] = set()   # submitted, being written to the outbox
         self.polls = 0
@@ -86,7 +87,8 @@ class MainScreen(Screen):
             self._poll_timer.stop()
             self._poll_timer = None
         self._poll_running = True
-        self.run_worker(self._poll, thread=True, group="poll", name="connectivity poll", exit_on_error=False)
+        self._poll_worker = self.run_worker(self._poll, thread=True, group="poll", name="connectivity poll",
+                                            exit_on_error=False)
 
     def _poll(self) -> None:
         try:
@@ -105,6 +107,7 @@ class MainScreen(Screen):
         if message.report is None:
             self.app.notify(message.error, title="Connectivity check failed", severity="error", markup=False)
         else:
+            self.app.show_repairs(message.report.repairs)  # type: ignore[attr-defined]
             self.app.show_events(message.report.events, came_back=message.report.came_back,  # type: ignore
                                  sent=message.report.sent)
             self._show_pending(message.pending)
@@ -241,7 +244,9 @@ class MainScreen(Screen):
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state is WorkerState.ERROR:
-            if event.worker.group == "poll":
+            # A poll that failed after its PollDone (in the data reload) has already scheduled the next one:
+            # scheduling another would start a second chain of polls, and they would overlap.
+            if event.worker is self._poll_worker and self._poll_running:
                 self._poll_running = False
                 self._poll_timer = self.set_timer(self.core.settings.poll_interval, self.poll_now)
             self.app.notify(f"{event.worker.name}: {event.worker.error}", title="Something went wrong",
