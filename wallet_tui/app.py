@@ -16,7 +16,7 @@ from wallet_tui.screens.login import LoginScreen
 from wallet_tui.screens.main import MainScreen
 from wallet_tui.settings import WalletSettings, parse_args
 from wallet_tui.storage import Repair
-from wallet_tui.sync import Deferred, Event, Finished, LoginRequired, WentOffline
+from wallet_tui.sync import Deferred, Event, Finished, LoginRequired, WentOffline, boot_clock
 
 OUTCOME_TOAST = {  # status → (title, severity, verb)
     "succeeded": ("Payment sent", "information", "paid"),
@@ -33,11 +33,12 @@ class WalletApp(App):
     COMMANDS = App.COMMANDS | {WalletCommands}
 
     def __init__(self, settings: WalletSettings, gateway_factory: Callable[[], Gateway],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = boot_clock) -> None:
         super().__init__()
         self.settings = settings
         self._gateway_factory = gateway_factory
         self._clock = clock
+        self._monotonic = monotonic
         self.core: WalletCore | None = None
         self._relogin_open = False
 
@@ -48,7 +49,7 @@ class WalletApp(App):
         except GatewayError as exc:
             self.exit(return_code=2, message=f"wallet: {exc.message}")
             return
-        self.core = WalletCore(self.settings, gateway, self._clock)
+        self.core = WalletCore(self.settings, gateway, self._clock, self._monotonic)
         self.push_screen(LoginScreen())
 
     def on_unmount(self) -> None:
@@ -128,15 +129,15 @@ class WalletApp(App):
         self.push_screen(LoginScreen(relogin=self.core.session.username))
 
 
-def make_app(argv: list[str], *, gateway: Gateway | None = None,
-             clock: Callable[[], float] = time.time) -> WalletApp:
+def make_app(argv: list[str], *, gateway: Gateway | None = None, clock: Callable[[], float] = time.time,
+             monotonic: Callable[[], float] = boot_clock) -> WalletApp:
     """The App exactly as `wallet <argv>` builds it. Tests may inject a `gateway` (e.g. a deterministic fake
-    for snapshots) and a `clock`."""
+    for snapshots) and the clocks (wall and monotonic, see wallet_tui.sync)."""
     settings = parse_args(argv)
     if gateway is not None:
         factory: Callable[[], Gateway] = lambda: gateway  # noqa: E731
     else:
         factory = lambda: GrpcGateway(settings.gateway, settings.ca_path,  # noqa: E731
                                       pay_timeout=settings.pay_timeout)
-    return WalletApp(settings, factory, clock)
+    return WalletApp(settings, factory, clock, monotonic)
 

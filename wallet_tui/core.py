@@ -17,7 +17,7 @@ from wallet_tui.money import AmountError, parse_amount, valid_account
 from wallet_tui.outbox import CannotCancel, Outbox, OutboxEntry
 from wallet_tui.settings import WalletSettings
 from wallet_tui.storage import Repair
-from wallet_tui.sync import DrainReport, Event, SyncEngine
+from wallet_tui.sync import DrainReport, Event, SyncEngine, boot_clock
 
 
 class OutboxUnavailable(Exception):
@@ -91,10 +91,12 @@ class PollReport:
 
 
 class WalletCore:
-    def __init__(self, settings: WalletSettings, gateway: Gateway, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: WalletSettings, gateway: Gateway, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = boot_clock) -> None:
         self.settings = settings
         self.gateway = gateway
-        self.clock = clock
+        self.clock = clock          # wall time: stamps records
+        self.monotonic = monotonic  # nobody can set it: backoff and expiry (see wallet_tui.sync)
         self.session: Session | None = None
         self.outbox: Outbox | None = None
         self.engine: SyncEngine | None = None
@@ -139,7 +141,7 @@ class WalletCore:
                                     f"{exc.strerror or exc} ({exc.filename or self.settings.outbox_dir}). "
                                     "Check --data-dir, and that its disk is writable and not full.") from exc
         self.engine = SyncEngine(self.gateway, self.outbox, self._token, max_age=self.settings.max_age,
-                                 clock=self.clock)
+                                 clock=self.clock, monotonic=self.monotonic)
 
     def logout(self) -> None:
         with self._lock:
@@ -195,9 +197,11 @@ class WalletCore:
     # ---- actions -------------------------------------------------------------------------------------------
     def submit(self, from_account: str, to_account: str, amount_paise: int) -> OutboxEntry:
         """Write the payment, with its new idempotency key, to the outbox. Sending is `send_now`."""
-        if self.outbox is None:
+        if self.outbox is None or self.engine is None:
             raise RuntimeError("not logged in")
-        return self.outbox.add(from_account, to_account, amount_paise)
+        entry = self.outbox.add(from_account, to_account, amount_paise)
+        self.engine.saw(entry)
+        return entry
 
     def send_now(self, key: str) -> list[Event]:
         """Send a just-submitted payment at once if the wallet believes it is online; else it stays queued."""

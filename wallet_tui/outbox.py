@@ -208,10 +208,11 @@ class Outbox:
         return OutboxEntry.from_doc(doc) if doc else None
 
     def finished(self, limit: int = 100) -> list[OutboxEntry]:
-        """Payments with a final outcome, newest first."""
+        """Payments with a final outcome, newest first: in the order they were written to the file (appended,
+        under the lock), which a wall-clock step cannot reorder as it would `finished_at`."""
         with self._lock:
-            entries = [OutboxEntry.from_doc(doc) for doc in self._done.all()]
-        return sorted(entries, key=lambda e: e.finished_at, reverse=True)[:limit]
+            docs = self._done.all()
+        return [OutboxEntry.from_doc(doc) for doc in reversed(docs[-limit:])] if limit > 0 else []
 
     # ---- writing -------------------------------------------------------------------------------------------
     def add(self, from_account: str, to_account: str, amount_paise: int) -> OutboxEntry:
@@ -330,9 +331,8 @@ class Outbox:
     def _trim_finished(self) -> None:
         if len(self._done) <= FINISHED_KEPT + FINISHED_SLACK:
             return
-        docs = self._done.all()
+        docs = self._done.all()   # oldest first (see `finished`)
         if len(docs) > FINISHED_KEPT:
-            docs.sort(key=lambda d: d.get("finished_at", 0.0))
             self._done.remove(doc_ids=[d.doc_id for d in docs[:len(docs) - FINISHED_KEPT]])
 
     def close(self) -> None:
