@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from tests.harness import OPENING_TOTAL, PASSWORDS, REPO, Cluster
-from tests.wallet_support import (Toasts, history_statuses, login, pay, pending_count, table_rows, wait_for,
+from tests.wallet_support import (Clocks, Toasts, history_statuses, login, pay, pending_count, table_rows, wait_for,
                                   wallet_argv)
 from wallet_tui.app import make_app
 from wallet_tui.core import WalletCore
@@ -158,19 +158,20 @@ def test_a_payment_that_may_have_reached_the_gateway_cannot_be_cancelled(cluster
 
 async def test_queued_payment_older_than_max_age_expires_and_is_not_sent(cluster: Cluster, tmp_path: Path
                                                                          ) -> None:
-    now = [1_900_000_000.0]
+    clocks = Clocks()
     toasts = Toasts()
-    app = make_app(wallet_argv(cluster, tmp_path, extra=("--max-age", "3600")), clock=lambda: now[0])
+    app = make_app(wallet_argv(cluster, tmp_path, extra=("--max-age", "3600")), clock=clocks.wall,
+                   monotonic=clocks.monotonic)
     async with app.run_test(size=SIZE, message_hook=toasts) as pilot:
         await login(pilot, "alice", PASSWORDS["alice"])
         await pilot.press("ctrl+o")
         await pay(pilot, "HDFC-2001", "15")
         await pay(pilot, "HDFC-2001", "16")
         await wait_for(pilot, lambda: pending_count(app) == 2, message="queued")
-        now[0] += 1800
+        clocks.advance(1800)
         await pay(pilot, "HDFC-2001", "17")            # younger: survives
         await wait_for(pilot, lambda: pending_count(app) == 3, message="queued")
-        now[0] += 1801                                 # the first two are now older than an hour
+        clocks.advance(1801)                           # the first two are now older than an hour
         await wait_for(pilot, lambda: len(toasts.titled("Payment expired")) == 2, message="expiry toasts")
         assert all("never sent" in t for t in toasts.titled("Payment expired"))
         await pilot.press("ctrl+o")

@@ -110,6 +110,33 @@ def screen_text(app: WalletApp) -> str:
     return console.export_text()
 
 
+class Clocks:
+    """A wall clock and a monotonic clock for the wallet (`make_app(clock=c.wall, monotonic=c.monotonic)`):
+    `advance` is time passing (both move), `step_wall` is someone setting the clock (only the wall moves)."""
+
+    def __init__(self, wall: float = 1_900_000_000.0) -> None:
+        self._wall = wall
+        self._monotonic = 1_000.0
+        self._lock = threading.Lock()
+
+    def wall(self) -> float:
+        with self._lock:
+            return self._wall
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._monotonic
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._wall += seconds
+            self._monotonic += seconds
+
+    def step_wall(self, seconds: float) -> None:
+        with self._lock:
+            self._wall += seconds
+
+
 # ---- a deterministic gateway (snapshots, poll instrumentation) ---------------------------------------------
 FIXED_NOW = 1_800_000_000.0  # 2027-01-15 08:00 UTC
 

@@ -15,7 +15,8 @@ from wallet_tui.outbox import OutboxEntry
 from wallet_tui.screens.login import LoginScreen
 from wallet_tui.screens.main import MainScreen
 from wallet_tui.settings import WalletSettings, parse_args
-from wallet_tui.sync import Deferred, Event, Finished, LoginRequired, WentOffline
+from wallet_tui.storage import Repair
+from wallet_tui.sync import Deferred, Event, Finished, LoginRequired, WentOffline, boot_clock
 
 OUTCOME_TOAST = {  # status → (title, severity, verb)
     "succeeded": ("Payment sent", "information", "paid"),
@@ -32,11 +33,12 @@ class WalletApp(App):
     COMMANDS = App.COMMANDS | {WalletCommands}
 
     def __init__(self, settings: WalletSettings, gateway_factory: Callable[[], Gateway],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = boot_clock) -> None:
         super().__init__()
         self.settings = settings
         self._gateway_factory = gateway_factory
         self._clock = clock
+        self._monotonic = monotonic
         self.core: WalletCore | None = None
         self._relogin_open = False
 
@@ -47,7 +49,7 @@ class WalletApp(App):
         except GatewayError as exc:
             self.exit(return_code=2, message=f"wallet: {exc.message}")
             return
-        self.core = WalletCore(self.settings, gateway, self._clock)
+        self.core = WalletCore(self.settings, gateway, self._clock, self._monotonic)
         self.push_screen(LoginScreen())
 
     def on_unmount(self) -> None:
@@ -101,6 +103,16 @@ class WalletApp(App):
         self.notify(text, title=title, severity=severity, markup=False,  # server text is never markup
                     timeout=5 if entry.status == "succeeded" else 10)
 
+    def show_repairs(self, repairs: list[Repair]) -> None:
+        for repair in repairs:
+            what = "queued payment" if repair.path.name.endswith(".outbox.json") else "finished record"
+            count = f"{repair.recovered} {what}{'s' if repair.recovered != 1 else ''}"
+            self.notify(f"{repair.path.name} was damaged ({repair.problem}). {count} could be read back and "
+                        f"{'are' if repair.recovered != 1 else 'is'} kept. The damaged file is saved as "
+                        f"{repair.copy}: a payment missing from Pending may be only there, so check your "
+                        "history before paying it again.", title="Outbox repaired", severity="error",
+                        markup=False, timeout=60)
+
     def notify_queued(self, entry: OutboxEntry) -> None:
         assert self.core is not None
         why = "offline mode is on" if self.core.offline_mode else (
@@ -117,15 +129,15 @@ class WalletApp(App):
         self.push_screen(LoginScreen(relogin=self.core.session.username))
 
 
-def make_app(argv: list[str], *, gateway: Gateway | None = None,
-             clock: Callable[[], float] = time.time) -> WalletApp:
+def make_app(argv: list[str], *, gateway: Gateway | None = None, clock: Callable[[], float] = time.time,
+             monotonic: Callable[[], float] = boot_clock) -> WalletApp:
     """The App exactly as `wallet <argv>` builds it. Tests may inject a `gateway` (e.g. a deterministic fake
-    for snapshots) and a `clock`."""
+    for snapshots) and the clocks (wall and monotonic, see wallet_tui.sync)."""
     settings = parse_args(argv)
     if gateway is not None:
         factory: Callable[[], Gateway] = lambda: gateway  # noqa: E731
     else:
         factory = lambda: GrpcGateway(settings.gateway, settings.ca_path,  # noqa: E731
                                       pay_timeout=settings.pay_timeout)
-    return WalletApp(settings, factory, clock)
+    return WalletApp(settings, factory, clock, monotonic)
 

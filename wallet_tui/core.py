@@ -16,7 +16,12 @@ from wallet_tui.gateway import Balance, Gateway, GatewayError
 from wallet_tui.money import AmountError, parse_amount, valid_account
 from wallet_tui.outbox import CannotCancel, Outbox, OutboxEntry
 from wallet_tui.settings import WalletSettings
-from wallet_tui.sync import DrainReport, Event, SyncEngine
+from wallet_tui.storage import Repair
+from wallet_tui.sync import DrainReport, Event, SyncEngine, boot_clock
+
+
+class OutboxUnavailable(Exception):
+    """The user's outbox cannot be opened (the data directory is not usable); the message says where and why."""
 
 
 class FormError(ValueError):
@@ -82,13 +87,16 @@ class PollReport:
     came_back: bool = False
     events: list[Event] = field(default_factory=list)
     sent: int = 0
+    repairs: list[Repair] = field(default_factory=list)   # damaged outbox files found (and repaired)
 
 
 class WalletCore:
-    def __init__(self, settings: WalletSettings, gateway: Gateway, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: WalletSettings, gateway: Gateway, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = boot_clock) -> None:
         self.settings = settings
         self.gateway = gateway
-        self.clock = clock
+        self.clock = clock          # wall time: stamps records
+        self.monotonic = monotonic  # nobody can set it: backoff and expiry (see wallet_tui.sync)
         self.session: Session | None = None
         self.outbox: Outbox | None = None
         self.engine: SyncEngine | None = None
@@ -98,17 +106,17 @@ class WalletCore:
 
     # ---- session -------------------------------------------------------------------------------------------
     def login(self, username: str, password: str) -> Session:
-        """Raises GatewayError (UNAUTHENTICATED for a wrong password, UNAVAILABLE when unreachable)."""
+        """Raises GatewayError (UNAUTHENTICATED for a wrong password, UNAVAILABLE when unreachable), or
+        OutboxUnavailable (then no one is logged in)."""
         result = self.gateway.login(username, password)
         session = Session(username, result.token, result.expires_at, result.accounts)
         with self._lock:
             if self.outbox is not None and self.outbox.username != username:
                 self._close_outbox()
-            self.session = session
+                self.session = None
             if self.outbox is None:
-                self.outbox = Outbox(self.settings.outbox_dir, username, self.clock)
-                self.engine = SyncEngine(self.gateway, self.outbox, self._token, max_age=self.settings.max_age,
-                                         clock=self.clock)
+                self._open_outbox(username)
+            self.session = session
             assert self.engine is not None
             self.engine.login_required = False
             self.engine.online = True  # it just answered
@@ -117,11 +125,23 @@ class WalletCore:
     def open_offline(self, username: str, accounts: tuple[str, ...] = ()) -> None:
         """Work on a user's outbox without a session (no token: nothing can be sent until `login`)."""
         with self._lock:
+            self._close_outbox()
+            self.session = None
+            self._open_outbox(username)
             self.session = Session(username, "", 0.0, accounts)
-            self.outbox = Outbox(self.settings.outbox_dir, username, self.clock)
-            self.engine = SyncEngine(self.gateway, self.outbox, self._token, max_age=self.settings.max_age,
-                                     clock=self.clock)
+            assert self.engine is not None
             self.engine.login_required = True
+
+    def _open_outbox(self, username: str) -> None:
+        # Opening reads both files: that is also when a damaged one is found and repaired (see `poll`).
+        try:
+            self.outbox = Outbox(self.settings.outbox_dir, username, self.clock)
+        except OSError as exc:
+            raise OutboxUnavailable(f"cannot open the outbox in {self.settings.outbox_dir}: "
+                                    f"{exc.strerror or exc} ({exc.filename or self.settings.outbox_dir}). "
+                                    "Check --data-dir, and that its disk is writable and not full.") from exc
+        self.engine = SyncEngine(self.gateway, self.outbox, self._token, max_age=self.settings.max_age,
+                                 clock=self.clock, monotonic=self.monotonic)
 
     def logout(self) -> threading.Thread | None:
         """Log out here at once, and end the session at the gateway in the background, best effort (the call
@@ -191,9 +211,11 @@ class WalletCore:
     # ---- actions -------------------------------------------------------------------------------------------
     def submit(self, from_account: str, to_account: str, amount_paise: int) -> OutboxEntry:
         """Write the payment, with its new idempotency key, to the outbox. Sending is `send_now`."""
-        if self.outbox is None:
+        if self.outbox is None or self.engine is None:
             raise RuntimeError("not logged in")
-        return self.outbox.add(from_account, to_account, amount_paise)
+        entry = self.outbox.add(from_account, to_account, amount_paise)
+        self.engine.saw(entry)
+        return entry
 
     def send_now(self, key: str) -> list[Event]:
         """Send a just-submitted payment at once if the wallet believes it is online; else it stays queued."""
@@ -219,10 +241,10 @@ class WalletCore:
         """One connectivity check: health → online/offline; expire old payments; drain when the gateway
         answers (at once, ignoring backoff, when it has just come back). Never run two at once (the UI
         schedules the next poll only when this one has returned)."""
-        engine = self.engine
+        engine, outbox = self.engine, self.outbox
         healthy = self.gateway.health()
         report = PollReport(healthy)
-        if engine is None:
+        if engine is None or outbox is None:
             return report
         was_online = engine.online
         report.events += engine.set_online(healthy, "the gateway does not answer its health check")
@@ -234,6 +256,8 @@ class WalletCore:
             report.sent = drained.sent
         else:
             report.events += engine.expire()
+        # found by any read since the last poll (e.g. at login: the first poll follows it)
+        report.repairs += outbox.take_repairs()
         return report
 
     def drain(self, *, force: bool = True) -> DrainReport:

@@ -5,6 +5,7 @@ from textual.message import Message
 
 from wallet_tui.core import HistoryRow, PendingRow, PollReport, Session
 from wallet_tui.gateway import Balance
+from wallet_tui.outbox import OutboxEntry
 from wallet_tui.sync import Event
 
 
@@ -37,7 +38,20 @@ class DataLoaded(Message):
 
 
 class LoginResult(Message):
-    def __init__(self, session: Session | None, error: str = "") -> None:
+    def __init__(self, session: Session | None, error: str = "", *, toast: str = "") -> None:
         super().__init__()
         self.session = session
+        self.error = error
+        self.toast = toast        # a toast's title when the error deserves more than the line on the form
+
+
+class PaymentQueued(Message):
+    """A submitted payment is in the outbox (`entry`), or could not be written there (`error`, `entry` None)."""
+
+    def __init__(self, entry: OutboxEntry | None, payment: tuple[str, str, int], submitted: tuple[str, str],
+                 error: str = "") -> None:
+        super().__init__()
+        self.entry = entry
+        self.payment = payment      # (from, to, paise) as validated
+        self.submitted = submitted  # the form's (to, amount) text as submitted
         self.error = error

@@ -3,11 +3,18 @@ payment, drains the queue oldest first (one drain at a time), backs off, and exp
 
 No Textual here: every method is a plain blocking call, made from a worker thread, that returns the events it
 produced (`Finished`, `Deferred`, `WentOffline`, `LoginRequired`) for the UI to show.
+
+Two clocks. The wall clock (`clock`, time.time) stamps records and is all that survives a restart; anyone can
+set it, and NTP steps it. Timing decisions run on `monotonic` (`boot_clock`), which nobody can set: a backoff
+deadline and a payment's age for expiry are counted on it from the moment this wallet first sees the payment,
+so a wall-clock step neither stalls a resend nor expires (or keeps alive) a payment. What a restart must carry
+over is read from wall time once, clamped (see `SyncEngine._timing`).
 """
 from __future__ import annotations
 
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +32,7 @@ CONNECTIVITY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_
                           grpc.StatusCode.CANCELLED})
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
+JITTER = (0.8, 1.2)
 # A drain marks this many of the oldest queued payments "may have been sent" in one outbox write, sends them one
 # by one, then records their final outcomes in one write. A crash mid-batch costs only the ability to cancel
 # the batch's unsent payments, and a resend (same key, replayed by the gateway) of those whose outcome was not
@@ -56,7 +64,19 @@ def classify(result: PaymentReply | GatewayError) -> Classified:
 
 def backoff_delay(attempts: int) -> float:
     """1 s, 2 s, 4 s … capped at 60 s, ±20 % jitter so many wallets do not resend in step."""
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempts - 1)) * random.uniform(*JITTER)
+
+
+def longest_backoff(attempts: int) -> float:
+    """The most `backoff_delay(attempts)` can be."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempts - 1)) * JITTER[1]
+
+
+def boot_clock() -> float:
+    """Seconds on a clock nobody can set. CLOCK_BOOTTIME where there is one: unlike time.monotonic it keeps
+    counting while the machine sleeps, so a queued payment still ages on a laptop that was shut for days."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 # ---- events for the UI -------------------------------------------------------------------------------------
@@ -93,14 +113,28 @@ class DrainReport:
     skipped: bool = False       # another drain was running
 
 
+@dataclass
+class _Timing:
+    """One pending payment as this wallet times it, on the monotonic clock."""
+    seen_at: float       # when this wallet first saw it
+    age_then: float      # its age at that moment (from the wall clock, never negative)
+    not_before: float    # not resent before this (backoff); 0: due
+
+    def age(self, now: float) -> float:
+        return self.age_then + (now - self.seen_at)
+
+
 class SyncEngine:
     def __init__(self, gateway: Gateway, outbox: Outbox, token: Callable[[], str], *,
-                 max_age: float, clock: Callable[[], float]) -> None:
+                 max_age: float, clock: Callable[[], float],
+                 monotonic: Callable[[], float] = boot_clock) -> None:
         self.gateway = gateway
         self.outbox = outbox
         self.token = token
         self.max_age = max_age
         self.clock = clock
+        self.monotonic = monotonic
+        self._timings: dict[str, _Timing] = {}   # pending payments this wallet has seen (under _state)
         self.online = True             # a successful call (or health check) is the proof
         self.login_required = False
         self._state = threading.Lock()
@@ -113,6 +147,33 @@ class SyncEngine:
         """Payments being sent: the one whose request is out, and the rest of the drain's current batch."""
         with self._state:
             return frozenset(self._in_flight | self._reserved)
+
+    def _timing(self, entry: OutboxEntry, now: float, wall: float) -> _Timing:
+        """The payment's timing, made the first time this wallet sees it (call under `_state`). Its wall-clock
+        fields are read this once: its age from `created_at`, and a not-before an earlier run persisted, which
+        is honoured only while it is no further ahead than the payment's longest backoff. Further ahead, the
+        clock was stepped back since it was written, and waiting for it would stall the resend by the step."""
+        timing = self._timings.get(entry.key)
+        if timing is None:
+            wait = entry.next_attempt_at - wall
+            if not 0 < wait <= longest_backoff(entry.attempts):
+                wait = 0.0
+            timing = _Timing(now, max(0.0, wall - entry.created_at), now + wait if wait else 0.0)
+            self._timings[entry.key] = timing
+        return timing
+
+    def saw(self, entry: OutboxEntry) -> None:
+        """Start timing a payment now (this wallet just queued it), not at the next poll."""
+        now, wall = self.monotonic(), self.clock()
+        with self._state:
+            self._timing(entry, now, wall)
+
+    def _track(self, pending: list[OutboxEntry]) -> dict[str, _Timing]:
+        """The timing of each pending payment; the payments no longer pending are forgotten."""
+        now, wall = self.monotonic(), self.clock()
+        with self._state:
+            self._timings = {e.key: self._timing(e, now, wall) for e in pending}
+            return dict(self._timings)
 
     def set_online(self, online: bool, reason: str = "") -> list[Event]:
         with self._state:
@@ -163,26 +224,34 @@ class SyncEngine:
                 first, self.login_required = not self.login_required, True
             if first:
                 events.append(LoginRequired(outcome.message))
+            self._set_not_before(entry, 0.0)
             deferred = self.outbox.defer(entry.key, "waiting for you to log in again", 0.0)
         else:
             if outcome.code in CONNECTIVITY:
                 events += self.set_online(False, outcome.message)
-            deferred = self.outbox.defer(entry.key, outcome.message,
-                                         self.clock() + backoff_delay(entry.attempts))
+            delay = backoff_delay(entry.attempts)
+            self._set_not_before(entry, delay)
+            # persisted for a restart only (see `_timing`); this run goes by the monotonic deadline
+            deferred = self.outbox.defer(entry.key, outcome.message, self.clock() + delay)
         if deferred:
             events.append(Deferred(deferred, outcome.message))
         return events
 
+    def _set_not_before(self, entry: OutboxEntry, delay: float) -> None:
+        now = self.monotonic()
+        with self._state:
+            self._timing(entry, now, self.clock()).not_before = now + delay if delay else 0.0
+
     # ---- the queue -----------------------------------------------------------------------------------------
     def expire(self) -> list[Event]:
         """Pending payments older than max_age are not sent any more; each becomes `expired` (one write)."""
-        cutoff = self.clock() - self.max_age
+        pending = self.outbox.pending()
+        timings = self._track(pending)
+        now = self.monotonic()
         busy = self.in_flight
         expiring: list[tuple[str, str, str, str]] = []
-        for entry in self.outbox.pending():
-            if entry.created_at > cutoff:
-                break  # oldest first: the rest are younger
-            if entry.key in busy:
+        for entry in pending:
+            if timings[entry.key].age(now) < self.max_age or entry.key in busy:
                 continue
             note = ("it may have reached the gateway before expiring; check the history" if entry.maybe_sent
                     else "it was never sent")
@@ -198,8 +267,10 @@ class SyncEngine:
         report = DrainReport()
         try:
             report.events += self.expire()
-            now = self.clock()
-            due = [e for e in self.outbox.pending() if force or e.next_attempt_at <= now]
+            pending = self.outbox.pending()
+            timings = self._track(pending)
+            now = self.monotonic()
+            due = [e for e in pending if force or timings[e.key].not_before <= now]
             for start in range(0, len(due), DRAIN_BATCH):
                 if not self._may_send():
                     break

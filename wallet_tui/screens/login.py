@@ -8,7 +8,9 @@ from textual.app import ComposeResult
 from textual.containers import Center, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Static
+from textual.worker import Worker, WorkerState
 
+from wallet_tui.core import OutboxUnavailable
 from wallet_tui.gateway import GatewayError
 from wallet_tui.messages import LoginResult
 
@@ -73,17 +75,32 @@ class LoginScreen(Screen):
         except GatewayError as exc:
             self.post_message(LoginResult(None, login_error_text(exc, core.settings.gateway)))
             return
+        except OutboxUnavailable as exc:
+            self.post_message(LoginResult(None, f"Not logged in: {exc}", toast="Outbox unavailable"))
+            return
         self.post_message(LoginResult(session))
 
     def on_login_result(self, message: LoginResult) -> None:
         self.query_one("#login", Button).disabled = False
         if message.session is None:
-            self._show_error(message.error)
-            password = self.query_one("#password", Input)
-            password.value = ""
-            password.focus()
+            self._failed(message.error, message.toast)
             return
         self.app.logged_in(message.session, relogin=self.relogin is not None)  # type: ignore[attr-defined]
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        # Anything the worker did not expect: say so and give the form back, never "Logging in…" for good.
+        if event.state is WorkerState.ERROR:
+            self.query_one("#login", Button).disabled = False
+            self._failed(f"Login failed: {type(event.worker.error).__name__}: {event.worker.error}",
+                         "Something went wrong")
+
+    def _failed(self, text: str, toast: str = "") -> None:
+        self._show_error(text)
+        if toast:
+            self.app.notify(text, title=toast, severity="error", markup=False)
+        password = self.query_one("#password", Input)
+        password.value = ""
+        password.focus()
 
     def _show_error(self, text: str) -> None:
         error = self.query_one("#login-error", Static)

@@ -20,7 +20,7 @@ from textual.worker import Worker, WorkerState
 
 from wallet_tui.core import FormError, Session, validate_payment
 from wallet_tui.gateway import GatewayError
-from wallet_tui.messages import CoreEvents, DataLoaded, PollDone
+from wallet_tui.messages import CoreEvents, DataLoaded, PaymentQueued, PollDone
 from wallet_tui.outbox import CannotCancel
 from wallet_tui.sync import Finished
 from wallet_tui.widgets.connectivity import ConnectivityIndicator
@@ -41,7 +41,9 @@ class MainScreen(Screen):
         self.session = session
         self._poll_timer: Timer | None = None
         self._poll_running = False
+        self._poll_worker: Worker[None] | None = None
         self._poll_again = False
+        self._submitting: set[tuple[str, str, int]] = set()   # submitted, being written to the outbox
         self.polls = 0
 
     @property
@@ -85,7 +87,8 @@ class MainScreen(Screen):
             self._poll_timer.stop()
             self._poll_timer = None
         self._poll_running = True
-        self.run_worker(self._poll, thread=True, group="poll", name="connectivity poll", exit_on_error=False)
+        self._poll_worker = self.run_worker(self._poll, thread=True, group="poll", name="connectivity poll",
+                                            exit_on_error=False)
 
     def _poll(self) -> None:
         try:
@@ -104,6 +107,7 @@ class MainScreen(Screen):
         if message.report is None:
             self.app.notify(message.error, title="Connectivity check failed", severity="error", markup=False)
         else:
+            self.app.show_repairs(message.report.repairs)  # type: ignore[attr-defined]
             self.app.show_events(message.report.events, came_back=message.report.came_back,  # type: ignore
                                  sent=message.report.sent)
             self._show_pending(message.pending)
@@ -151,17 +155,26 @@ class MainScreen(Screen):
     def _submit(self, event: PaymentForm.Submitted) -> None:
         form = self.query_one(PaymentForm)
         try:
-            from_account, to_account, paise = validate_payment(self.session.accounts, event.from_account,
-                                                               event.to_account, event.amount)
+            payment = validate_payment(self.session.accounts, event.from_account, event.to_account, event.amount)
         except FormError as exc:
             form.show_error(exc.field_id, exc.message)
             return
-        form.clear()
-        self.run_worker(partial(self._send, from_account, to_account, paise), thread=True, group="send",
-                        name="send payment", exit_on_error=False)
+        if payment in self._submitting:
+            return   # a second Enter on the same form while its payment is being written: one payment
+        # The form keeps the payment until it is on disk (PaymentQueued): if it cannot be written, nothing
+        # the user typed is lost.
+        self._submitting.add(payment)
+        self.run_worker(partial(self._send, payment, (event.to_account, event.amount)), thread=True,
+                        group="send", name="send payment", exit_on_error=False)
 
-    def _send(self, from_account: str, to_account: str, paise: int) -> None:
-        entry = self.core.submit(from_account, to_account, paise)   # key made and on disk before any send
+    def _send(self, payment: tuple[str, str, int], submitted: tuple[str, str]) -> None:
+        try:
+            entry = self.core.submit(*payment)   # key made and on disk before any send
+        except Exception as exc:  # noqa: BLE001 - any failure to queue is the user's to know, with the form kept
+            reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.post_message(PaymentQueued(None, payment, submitted, reason or type(exc).__name__))
+            return
+        self.post_message(PaymentQueued(entry, payment, submitted))
         self.post_message(CoreEvents([], self.core.pending_rows()))
         if not self.core.can_send:
             self.app.call_from_thread(self.app.notify_queued, entry)  # type: ignore[attr-defined]
@@ -169,6 +182,17 @@ class MainScreen(Screen):
         events = self.core.send_now(entry.key)
         self.post_message(CoreEvents(events, self.core.pending_rows()))
         self._load()
+
+    def on_payment_queued(self, message: PaymentQueued) -> None:
+        self._submitting.discard(message.payment)
+        form = self.query_one(PaymentForm)
+        if message.entry is not None:
+            form.clear_if_unchanged(*message.submitted)
+            return
+        text = (f"Not queued and not sent: the outbox could not be written ({message.error}). "
+                "Your payment is still in the form; try again.")
+        form.show_error(None, text)
+        self.app.notify(text, title="Payment not queued", severity="error", markup=False)
 
     @on(PendingTable.CancelRequested)
     def _cancel(self, event: PendingTable.CancelRequested) -> None:
@@ -220,7 +244,9 @@ class MainScreen(Screen):
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state is WorkerState.ERROR:
-            if event.worker.group == "poll":
+            # A poll that failed after its PollDone (in the data reload) has already scheduled the next one:
+            # scheduling another would start a second chain of polls, and they would overlap.
+            if event.worker is self._poll_worker and self._poll_running:
                 self._poll_running = False
                 self._poll_timer = self.set_timer(self.core.settings.poll_interval, self.poll_now)
             self.app.notify(f"{event.worker.name}: {event.worker.error}", title="Something went wrong",

@@ -51,6 +51,12 @@ class PaymentForm(Vertical):
         self.show_error(None, "")
         self.query_one("#to-account", Input).focus()
 
+    def clear_if_unchanged(self, to_account: str, amount: str) -> None:
+        """Clear the form after a payment was queued, unless the user has started typing the next one."""
+        if (self.query_one("#to-account", Input).value, self.query_one("#amount", Input).value) == (
+                to_account, amount):
+            self.clear()
+
     @on(Input.Changed, "#to-account")
     def _check_to(self, event: Input.Changed) -> None:
         text = event.value.strip()
