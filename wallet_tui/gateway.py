@@ -1,11 +1,15 @@
 """The wallet's only line to the payment gateway: gRPC over TLS (verified with ca.crt), the bearer token and
 idempotency key as metadata, a deadline on every call, and the standard health check.
 
+The gateway may be several replicas (`a:p,b:q`, CONTRACT §9): one channel balances over those that answer and
+a call whose replica is lost goes to another at once (see wallet_tui/replicas.py).
+
 Thread-safe (one gRPC channel, sync stubs): the UI calls it from thread workers, never from the event loop.
 """
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protofiles import payment_pb2, payment_pb2_grpc
 from wallet_tui.money import paise_to_wire, wire_to_paise
+from wallet_tui.replicas import LOST_REPLICA, SERVICE_CONFIG, channel_target, failover_pause, parse_gateways
 
 LOGIN_TIMEOUT = 10.0      # the gateway checks a slow (scrypt) password hash
 READ_TIMEOUT = 5.0        # balances (fans out to the banks, 2 s each) and history
@@ -98,20 +103,30 @@ class GrpcGateway:
         except OSError as exc:
             raise GatewayError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"cannot read the CA certificate {ca_path}: {exc.strerror}") from exc
+        try:
+            self.addresses = parse_gateways(address)
+        except ValueError as exc:
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"bad gateway address: {exc}") from None
         self.address = address
         self.pay_timeout = pay_timeout
         self._credentials = grpc.ssl_channel_credentials(ca)
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._open_channel()
 
     def _open_channel(self) -> None:
-        self._channel = grpc.secure_channel(self.address, self._credentials, options=[
+        options: list[tuple[str, int | str]] = [
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1000),
-            ("grpc.enable_retries", 0),  # resends are the outbox's business, always with the same key
+            ("grpc.enable_retries", 0),  # resends are ours (failover, the outbox), always with the same key
+            # One name for every replica: each one's certificate must name `gateway`, whatever its address.
             ("grpc.ssl_target_name_override", GATEWAY_NAME),
-        ])
+        ]
+        if len(self.addresses) > 1:
+            options.append(("grpc.service_config", SERVICE_CONFIG))
+        # Several replicas: their names are resolved now, so again each time the channel is replaced.
+        self._channel = grpc.secure_channel(channel_target(self.addresses), self._credentials, options=options)
         self._stub = payment_pb2_grpc.PaymentGatewayStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -119,14 +134,25 @@ class GrpcGateway:
     def _auth(token: str) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {token}")]
 
-    @staticmethod
-    def _call(method, request, **kwargs):  # type: ignore[no-untyped-def]
-        try:
-            return method(request, **kwargs)
-        except grpc.RpcError as exc:
-            code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
-            details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
-            raise GatewayError(code or grpc.StatusCode.UNKNOWN, details or "") from None
+    def _call(self, method, request, *, timeout: float, **kwargs):  # type: ignore[no-untyped-def]
+        """One call within `timeout` seconds in all: with several replicas, sent again (same request, same
+        metadata, so the same idempotency key) to another replica when its replica is lost (`failover_pause`)."""
+        deadline = time.monotonic() + timeout
+        lost = aborted = 0
+        while True:
+            try:
+                return method(request, timeout=max(0.0, deadline - time.monotonic()), **kwargs)
+            except grpc.RpcError as exc:
+                code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+                details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+                error = GatewayError(code or grpc.StatusCode.UNKNOWN, details or "")
+            except ValueError:  # grpc's "closed channel": the wallet is closing, or health() replaced it
+                raise GatewayError(grpc.StatusCode.CANCELLED, "the connection to the gateway was closed") from None
+            lost += error.code in LOST_REPLICA
+            aborted += lost > 0 and error.code is grpc.StatusCode.ABORTED
+            pause = failover_pause(error.code, lost, aborted, len(self.addresses))
+            if pause is None or time.monotonic() + pause >= deadline or self._closed.wait(pause):
+                raise error
 
     def login(self, username: str, password: str) -> LoginResult:
         reply = self._call(self._stub.Login, payment_pb2.LoginRequest(username=username, password=password),
@@ -162,19 +188,31 @@ class GrpcGateway:
                 for p in reply.payments]
 
     def health(self) -> bool:
-        try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT)
-        except grpc.RpcError:
-            # A channel that failed sits in reconnect backoff for up to a second; a fresh one dials at once,
-            # so the next poll sees a returning gateway straight away. A call still on the old channel ends
-            # CANCELLED, which the sync loop resends with the same key.
-            with self._lock:
-                old = self._channel
-                self._open_channel()
-            old.close()
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        """True when the gateway (any one replica of it) answers SERVING. With several replicas each check goes
+        to one the balancer picks among those connected and SERVING, and fails at once when there is none;
+        a check that fails is tried again (the balancer's next pick) up to once per replica, so one replica
+        that has just died or hangs does not make the wallet offline while another answers."""
+        for _ in self.addresses:
+            try:
+                reply = self._health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT)
+            except (grpc.RpcError, ValueError):
+                continue
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return True
+            if len(self.addresses) == 1:
+                return False
+        # No answer: a channel that failed sits in reconnect backoff for up to a second; a fresh one dials at
+        # once (resolving the replicas' names again), so the next poll sees a returning gateway straight away.
+        # A call still on the old channel ends CANCELLED, which the sync loop resends with the same key.
+        with self._lock:
+            if self._closed.is_set():  # the wallet is closing: no new channel to leak
+                return False
+            old = self._channel
+            self._open_channel()
+        old.close()
+        return False
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             self._channel.close()

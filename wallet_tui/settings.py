@@ -6,17 +6,23 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from wallet_tui.replicas import parse_gateways
+
 DEFAULT_MAX_AGE = 72 * 3600.0  # below the gateway's default idempotency-key TTL (7 days)
 
 
 @dataclass(frozen=True)
 class WalletSettings:
-    gateway: str = "localhost:50053"
+    gateway: str = "localhost:50053"   # HOST:PORT, or several (replicas of one gateway) joined by commas
     certs_dir: Path = Path("certificates")
     data_dir: Path = Path("data")
     poll_interval: float = 5.0
     max_age: float = DEFAULT_MAX_AGE
     pay_timeout: float = 15.0
+
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        return parse_gateways(self.gateway)
 
     @property
     def ca_path(self) -> Path:
@@ -37,17 +43,18 @@ def _positive(value: str) -> float:
     return number
 
 
-def _address(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {value!r}")
-    return value
+def _addresses(value: str) -> str:
+    try:
+        return ",".join(parse_gateways(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None) -> WalletSettings:
     parser = argparse.ArgumentParser(prog="wallet", description="The Strife terminal wallet.")
-    parser.add_argument("--gateway", type=_address, default="localhost:50053", metavar="HOST:PORT",
-                        help="the payment gateway (default localhost:50053)")
+    parser.add_argument("--gateway", type=_addresses, default="localhost:50053", metavar="HOST:PORT[,HOST:PORT...]",
+                        help="the payment gateway, or its replicas separated by commas: calls are balanced over "
+                             "those that answer (default localhost:50053)")
     parser.add_argument("--certs-dir", type=Path, default=Path("certificates"),
                         help="directory holding ca.crt, used to verify the gateway (default certificates)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
