@@ -7,11 +7,11 @@ from servers import grpc_engine
 
 def gateway() -> None:
     grpc_engine.choose()
-    from servers.gateway_server import main
+    from servers.gateway.server import main
     main()
 
 
 def bank() -> None:
     grpc_engine.choose()
-    from servers.bank_server import main
+    from servers.bank.server import main
     main()

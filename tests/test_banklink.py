@@ -11,7 +11,7 @@ import grpc
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from servers import serving
-from servers.banklink import BankCallError, BankLink
+from servers.gateway.banklink import BankCallError, BankLink
 from servers.certs import GATEWAY_CN
 from tests.harness import OPENING_TOTAL, Cluster, wait_until, write_config
 from tests.tcpproxy import TcpProxy

@@ -14,7 +14,7 @@ import pytest
 
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
-from servers.ledger import Ledger
+from servers.bank.ledger import Ledger
 from tests.harness import OPENING_TOTAL, Cluster
 
 OPENING = {"SBI-1": 10_000, "SBI-2": 500, "SBI-3": 0}

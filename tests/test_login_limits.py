@@ -17,7 +17,7 @@ import pytest
 
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
-from servers.login_guard import FailureWindows, LoginGuard, LoginLimits, LoginRefused, peer_key
+from servers.gateway.login_guard import FailureWindows, LoginGuard, LoginLimits, LoginRefused, peer_key
 from tests.harness import OPENING_TOTAL, PASSWORDS, Cluster, wait_until
 from tests.test_crash_recovery import start_with_gateway_env
 

@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from servers.idempotency import Claim, ClaimKind, LostOwnership, Payment, PaymentStore, Point, fingerprint
-from servers.ledger import Ledger
-from servers.liveness import Owner
+from servers.gateway.store.sqlite_payments import Claim, ClaimKind, LostOwnership, Payment, PaymentStore, Point, fingerprint
+from servers.bank.ledger import Ledger
+from servers.gateway.store.owners import Owner
 from servers.money import bank_of
 from servers.sqlite_store import SQLiteStore
 

@@ -16,7 +16,7 @@ import pytest
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from servers.config import credential_id, hash_password
-from servers.sessions import Sessions
+from servers.gateway.store.sqlite_sessions import Sessions
 from servers.sqlite_store import SQLiteStore
 from tests.harness import OPENING_ACCOUNTS, OPENING_TOTAL, PASSWORDS, Client, Cluster, write_config
 from tests.test_crash_recovery import start_extra_gateway

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from servers.idempotency import ClaimKind, PaymentStore
-from servers.liveness import Owner
+from servers.gateway.store.sqlite_payments import ClaimKind, PaymentStore
+from servers.gateway.store.owners import Owner
 from servers.sqlite_store import SQLiteStore
 
 

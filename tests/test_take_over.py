@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from servers.idempotency import Payment, PaymentStore
-from servers.liveness import Owner
+from servers.gateway.store.sqlite_payments import Payment, PaymentStore
+from servers.gateway.store.owners import Owner
 from servers.sqlite_store import SQLiteStore
 
 

@@ -23,10 +23,10 @@ import grpc
 
 from protofiles import payment_pb2
 from servers import serving
-from servers.banklink import BankCallError, BankLink
+from servers.gateway.banklink import BankCallError, BankLink
 from servers.certs import GATEWAY_CN
 from servers.faults import crash_point
-from servers.idempotency import Payment, PaymentStore, Point
+from servers.gateway.store.sqlite_payments import Payment, PaymentStore, Point
 from servers.money import bank_of, format_paise, paise_to_rupees
 from servers.sqlite_store import GroupCommitter
 

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from operator import itemgetter
 
-from servers.liveness import Owner
+from servers.gateway.store.owners import Owner
 from servers.sqlite_store import SQLiteStore
 
 SCHEMA = """
