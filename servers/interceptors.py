@@ -183,10 +183,35 @@ async def bearer_token(context: grpc.aio.ServicerContext) -> str:
     return token.strip()
 
 
+class StatusFor(grpc.aio.ServerInterceptor):
+    """Exceptions of the given types end the call with the given status and the exception's message, instead of
+    UNKNOWN (e.g. a store that cannot be reached: UNAVAILABLE, so the caller retries)."""
+
+    def __init__(self, codes: dict[type[Exception], grpc.StatusCode]) -> None:
+        self._codes = codes
+        self._types = tuple(codes)
+        self._cache = _Cached()
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        return self._cache.get(handler_call_details.method, await continuation(handler_call_details), self._wrap)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        def wrapper(inner: Behavior) -> Behavior:
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner(request, context)
+                except self._types as exc:
+                    code = next(c for t, c in self._codes.items() if isinstance(exc, t))
+                    await context.abort(code, str(exc))
+            return behavior
+
+        return _wrap_unary(handler, wrapper)
+
+
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Every method except the open ones needs `authorization: Bearer <token>` naming a live session."""
 
-    def __init__(self, resolve_token: Callable[[str], str | None], open_methods: set[str]) -> None:
+    def __init__(self, resolve_token: Callable[[str], Awaitable[str | None]], open_methods: set[str]) -> None:
         self._resolve = resolve_token
         self._open = open_methods
         self._cache = _Cached()
@@ -200,7 +225,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         def wrapper(inner: Behavior) -> Behavior:
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                user = self._resolve(await bearer_token(context))
+                user = await self._resolve(await bearer_token(context))
                 if user is None:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "token is unknown, expired or ended (logged"
                                         " out, password changed, user removed); log in again")

@@ -153,10 +153,10 @@ def test_a_store_made_before_is_upgraded_and_its_sessions_log_in_again(tmp_path:
     with store.transaction() as db:
         db.execute("INSERT INTO sessions VALUES (?, 'alice', ?, ?)",
                    (hashlib.sha256(b"old-token").hexdigest(), time.time(), time.time() + 3600))
-    sessions = Sessions(store, 3600, {"alice": "credential-1"}.get)
-    assert sessions.resolve("old-token") is None  # issued against no known credential
-    token, _ = sessions.create("alice", "credential-1")
-    assert sessions.resolve(token) == "alice"
+    sessions = Sessions(store)
+    assert sessions.resolve("old-token") == ("alice", "")  # issued against no credential: the gateway refuses it
+    token, _ = sessions.create("alice", "credential-1", 3600)
+    assert sessions.resolve(token) == ("alice", "credential-1")
     store.close()
 
 

@@ -115,6 +115,7 @@ class _Stream:
 
     async def _read(self) -> None:
         error = BankCallError(grpc.StatusCode.UNAVAILABLE, "the bank closed the stream")
+        loop = asyncio.get_running_loop()
         try:
             while (frame := await self.call.read()) is not grpc.aio.EOF:
                 self.in_flight -= 1
@@ -129,7 +130,12 @@ class _Stream:
                     timer.cancel()
                     if future.done():
                         continue
-                    if reply.error_code:
+                    if timer.when() <= loop.time():
+                        # Its deadline passed before this answer was read (e.g. the gateway was frozen and the
+                        # timer is due but has not run yet): a vote that comes too late is no vote.
+                        future.set_exception(BankCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                           "the answer came after the call's deadline"))
+                    elif reply.error_code:
                         future.set_exception(BankCallError(_CODES.get(reply.error_code, grpc.StatusCode.UNKNOWN),
                                                            reply.error))
                     else:

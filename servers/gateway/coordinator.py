@@ -3,13 +3,15 @@
 Failure handling (CONTRACT §6):
 - Prepare goes to every participant in parallel under one deadline (`--txn-timeout`). Any NO, error or
   timeout decides ABORT; all YES decides COMMIT. The decision and the client's response are stored durably
-  (`PaymentStore.decide_in`, awaited through the group committer) before any bank hears of it.
+  (`GatewayStore.decide`, awaited) before any bank hears of it.
 - A decided COMMIT is never turned into an abort: Commit is retried until every bank acknowledges; if a bank
   stays away, the payment is released to the completer, which keeps retrying (holds keep the money reserved).
 - Abort is sent to every participant; a bank that does not acknowledge is retried by the completer, so no
   hold is left behind. A bank remembers an Abort for an id it never saw, so a late Prepare votes NO.
 - On start, and every `--completer-interval`, the completer takes over payments whose owner died: undecided
   ones are aborted, decided ones are pushed to their decision.
+- A process that has lost its liveness (a replica whose PostgreSQL session is gone: another may be taking its
+  payments over) tells no bank anything until it has it back; its store writes are fenced anyway.
 """
 from __future__ import annotations
 
@@ -18,17 +20,19 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Awaitable
 
 import grpc
 
 from protofiles import payment_pb2
 from servers import serving
-from servers.gateway.banklink import BankCallError, BankLink
 from servers.certs import GATEWAY_CN
 from servers.faults import crash_point
-from servers.gateway.store.sqlite_payments import Payment, PaymentStore, Point
+from servers.gateway.banklink import BankCallError, BankLink
+from servers.gateway.store.errors import StoreUnavailable
+from servers.gateway.store.interface import GatewayStore
+from servers.gateway.store.records import Payment, Point
 from servers.money import bank_of, format_paise, paise_to_rupees
-from servers.sqlite_store import GroupCommitter
 
 log = logging.getLogger("strife.coordinator")
 
@@ -65,6 +69,17 @@ class Decision:
     message: str
 
 
+def _in_background(write: Awaitable[None], what: str) -> "asyncio.Future[None]":
+    """A store write nobody waits for: its failure is logged (the completer makes up for it), never lost."""
+    future = asyncio.ensure_future(write)
+
+    def report(done: "asyncio.Future[None]") -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("%s failed: %s (the completer will see to it)", what, done.exception())
+    future.add_done_callback(report)
+    return future
+
+
 def describe_error(bank: str, exc: Exception, timeout: float) -> str:
     code = exc.code() if isinstance(exc, (grpc.RpcError, BankCallError)) else None
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -76,14 +91,17 @@ def describe_error(bank: str, exc: Exception, timeout: float) -> str:
 
 
 class Coordinator:
-    def __init__(self, store: PaymentStore, db: GroupCommitter, banks: Banks, txn_timeout: float,
-                 stop: asyncio.Event) -> None:
+    def __init__(self, store: GatewayStore, banks: Banks, txn_timeout: float, stop: asyncio.Event) -> None:
         self.store = store
-        self.db = db
         self.banks = banks
         self.txn_timeout = txn_timeout
         self._stop = stop
         self._delivering: set[int] = set()  # payments a request is pushing to their decision right now
+
+    def _check_live(self, payment: Payment) -> None:
+        if not self.store.is_live():
+            raise StoreUnavailable(f"this gateway lost its store session; payment {payment.txn_id} is left to"
+                                   " whichever gateway takes it over")
 
     @staticmethod
     def participants(payment: Payment) -> list[str]:
@@ -104,12 +122,12 @@ class Coordinator:
                 decision = await self._prepare(payment)
             crash_point("after_prepare")
             response = self.response_for(payment, decision)
-            await self.db.run(self.store.decide_in, payment, decision.commit, decision.status, decision.message,
-                              response.SerializeToString())
+            await self.store.decide(payment, decision.commit, decision.status, decision.message,
+                                    response.SerializeToString())
         except BaseException:
             # Undecided and unable to go on (e.g. the store failed): let go so a retry or the completer
             # continues it instead of finding it "in flight" for as long as this process lives.
-            self.db.submit(self.store.release_in, payment)
+            _in_background(self.store.release(payment), f"releasing payment {payment.txn_id}")
             raise
         crash_point("after_decide")
         decided = Point.COMMIT_DECIDED if decision.commit else Point.ABORT_DECIDED
@@ -124,13 +142,14 @@ class Coordinator:
             crash_point("after_deliver")
             # Not awaited, and lazily batched: nothing remote follows, and if it is lost the completer re-sends
             # the decision (idempotent at the banks) and finishes it then.
-            done = self.db.submit_lazy(self.store.finish_in, payment)
+            done = _in_background(self.store.finish_later(payment), f"finishing payment {payment.txn_id}")
         else:
-            done = self.db.submit(self.store.release_in, payment)
+            done = _in_background(self.store.release(payment), f"releasing payment {payment.txn_id}")
         done.add_done_callback(lambda _: self._delivering.discard(payment.id))
         return response
 
     async def _prepare(self, payment: Payment) -> Decision:
+        self._check_live(payment)
         request = payment_pb2.PrepareRequest(transaction_id=payment.txn_id, from_account=payment.from_account,
                                              to_account=payment.to_account, amount=paise_to_rupees(payment.amount))
         banks = self.participants(payment)
@@ -169,13 +188,15 @@ class Coordinator:
             pending -= await self._send_decision(payment, decided, pending, min(2.0, max(0.2, patience)))
             if not pending:
                 return True
-            if time.monotonic() + delay > give_up or self._stop.is_set():
+            if time.monotonic() + delay > give_up or self._stop.is_set() or not self.store.is_live():
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
     async def _send_decision(self, payment: Payment, decided: Point, banks: set[str], timeout: float) -> set[str]:
         kind = "commit" if decided is Point.COMMIT_DECIDED else "abort"
+        if not self.store.is_live():
+            return set()  # maybe no longer ours: the survivor that takes it over tells the banks
         body = (payment_pb2.CommitRequest if kind == "commit" else payment_pb2.AbortRequest)(
             transaction_id=payment.txn_id)
         for bank in sorted(b for b in banks if b not in self.banks):
@@ -204,12 +225,12 @@ class Coordinator:
     # ---- the completer ---------------------------------------------------------------------------------------
     async def complete_abandoned(self) -> int:
         """One pass: finish what dead owners (or released requests) left. Returns how many were finished."""
-        taken, dead = await self.db.run(self.store.take_over_abandoned_in, 100)
-        for owner_id in dead:
-            self.store.owner.forget(owner_id)
+        if not self.store.is_live():
+            return 0
+        taken = await self.store.take_over_abandoned(100)
         taken_ids = {p.id for p in taken}
         done = 0
-        for payment in taken + [p for p in self._own_stuck() if p.id not in taken_ids]:
+        for payment in taken + [p for p in await self._own_stuck() if p.id not in taken_ids]:
             if self._stop.is_set():
                 break
             try:
@@ -218,17 +239,15 @@ class Coordinator:
                 log.exception("completing payment %s failed; will retry", payment.txn_id)
         return done
 
-    def _own_stuck(self) -> list[Payment]:
-        return [p for p in self.store.owned_unfinished()
+    async def _own_stuck(self) -> list[Payment]:
+        return [p for p in await self.store.owned_unfinished()
                 if p.recovery_point is not Point.STARTED and p.id not in self._delivering]
 
     async def recover_at_start(self) -> int:
         """Before serving: decide ABORT, durably, for every undecided payment a dead gateway left, so that no
         retry arriving first can resume it instead (CONTRACT §6: a restarted gateway aborts what it had not
         decided). Telling the banks is left to the completer, so a bank that is down cannot delay start-up."""
-        taken, dead = await self.db.run(self.store.take_over_abandoned_in, 1_000_000)
-        for owner_id in dead:
-            self.store.owner.forget(owner_id)
+        taken = await self.store.take_over_abandoned(1_000_000)
         aborted = 0
         for payment in taken:
             if payment.recovery_point is Point.STARTED:
@@ -239,8 +258,8 @@ class Coordinator:
     async def _abort_undecided(self, payment: Payment) -> None:
         # Its owner died before deciding: we cannot know every vote, so abort (CONTRACT §6).
         decision = Decision(False, FAILED, "interrupted before completion (the gateway restarted); no money moved")
-        await self.db.run(self.store.decide_in, payment, False, decision.status, decision.message,
-                          self.response_for(payment, decision).SerializeToString())
+        await self.store.decide(payment, False, decision.status, decision.message,
+                                self.response_for(payment, decision).SerializeToString())
         log.info("aborted undecided payment %s left by a dead gateway", payment.txn_id)
 
     async def _complete(self, payment: Payment) -> int:
@@ -249,7 +268,7 @@ class Coordinator:
             await self._abort_undecided(payment)
             point = Point.ABORT_DECIDED
         if await self._deliver(payment, point, patience=0.0):
-            await self.db.run(self.store.finish_in, payment)
+            await self.store.finish(payment)
             log.info("finished %s payment %s", point.value, payment.txn_id)
             return 1
         return 0

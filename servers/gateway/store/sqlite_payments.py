@@ -12,19 +12,18 @@ acknowledged). Each transition is committed (synchronous=FULL) before the next r
 Claim-or-replay is one `BEGIN IMMEDIATE` transaction, so among any number of concurrent requests with one
 key (in one process or several sharing the file) exactly one inserts the key; the rest see it. A payment
 belongs to the process that locked it (`locked_by`); another process takes it over only when that owner is
-dead (see `liveness.Owner`), never by age.
+dead (see `owners.Owner`), never by age. Its records are in `records`.
 """
 from __future__ import annotations
 
-import enum
 import heapq
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
 from operator import itemgetter
 
 from servers.gateway.store.owners import Owner
+from servers.gateway.store.records import Claim, ClaimKind, HistoryRow, LostOwnership, Payment, Point, fingerprint
 from servers.sqlite_store import SQLiteStore
 
 SCHEMA = """
@@ -63,64 +62,6 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 CREATE INDEX IF NOT EXISTS keys_unfinished ON idempotency_keys (recovery_point) WHERE recovery_point != 'finished';
 CREATE INDEX IF NOT EXISTS keys_finished_at ON idempotency_keys (finished_at) WHERE recovery_point = 'finished'
 """
-
-
-class Point(str, enum.Enum):
-    STARTED = "started"
-    COMMIT_DECIDED = "commit_decided"
-    ABORT_DECIDED = "abort_decided"
-    FINISHED = "finished"
-
-
-class ClaimKind(enum.Enum):
-    NEW = "new"               # this request inserted the key: execute the payment
-    RESUMED = "resumed"       # the key's owner died before deciding: this request continues it
-    REPLAY = "replay"         # decided earlier: return the stored response
-    MISMATCH = "mismatch"     # same key, other parameters
-    IN_FLIGHT = "in_flight"   # a live process is executing it right now
-    REFUSED = "refused"       # a new key, but the caller may not insert it (see claim_in): nothing stored
-
-
-@dataclass(frozen=True)
-class Payment:
-    id: int
-    txn_id: str
-    username: str
-    idem_key: str
-    from_account: str
-    to_account: str
-    amount: int
-    recovery_point: Point
-    response: bytes | None = None
-
-
-@dataclass(frozen=True)
-class Claim:
-    kind: ClaimKind
-    payment: Payment | None = None
-    previous_owner: str | None = None  # RESUMED: the dead owner it was taken from
-
-
-@dataclass(frozen=True)
-class HistoryRow:
-    txn_id: str
-    username: str
-    idem_key: str
-    from_account: str
-    to_account: str
-    amount: int
-    status: str
-    message: str
-    created_at: float
-    finished_at: float | None
-
-
-class LostOwnership(RuntimeError):
-    """The payment is no longer locked by this process; it must not act on it."""
-
-
-def fingerprint(from_account: str, to_account: str, amount: int) -> str:
-    return f"ProcessPayment\x1f{from_account}\x1f{to_account}\x1f{amount}"
 
 
 _SELECT = ("SELECT p.id, p.txn_id, k.username, k.idem_key, p.from_account, p.to_account, p.amount,"

@@ -1,4 +1,4 @@
-"""Login sessions: random bearer tokens with an expiry, kept in the gateway's SQLite store.
+"""Login sessions in SQLite: random bearer tokens with an expiry.
 
 Only a SHA-256 of each token is stored, so a copy of the database does not hand out live tokens. Sessions live
 in the store (not in process memory) so that a restarted gateway, or another gateway on the same data
@@ -19,7 +19,6 @@ import hashlib
 import secrets
 import sqlite3
 import time
-from typing import Callable
 
 from servers.sqlite_store import SQLiteStore
 
@@ -42,12 +41,8 @@ def _digest(token: str) -> str:
 
 
 class Sessions:
-    def __init__(self, store: SQLiteStore, ttl_seconds: float, credential_of: Callable[[str], str | None]) -> None:
-        """`credential_of(username)` is the user's current credential fingerprint, or None if there is no such
-        user any more."""
+    def __init__(self, store: SQLiteStore) -> None:
         self._store = store
-        self._ttl = ttl_seconds
-        self._credential_of = credential_of
         with store.transaction() as db:
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.execute(statement)
@@ -56,29 +51,27 @@ class Sessions:
                 if column not in have:
                     db.execute(f"ALTER TABLE sessions ADD COLUMN {column} {declaration}")
 
-    def create(self, username: str, credential: str) -> tuple[str, float]:
+    def create(self, username: str, credential: str, ttl: float) -> tuple[str, float]:
         with self._store.transaction() as db:
-            return self.create_in(db, username, credential)
+            return self.create_in(db, username, credential, ttl)
 
-    def create_in(self, db: sqlite3.Connection, username: str, credential: str) -> tuple[str, float]:
+    def create_in(self, db: sqlite3.Connection, username: str, credential: str, ttl: float) -> tuple[str, float]:
         token = secrets.token_urlsafe(32)
         now = time.time()
-        expires = now + self._ttl
+        expires = now + ttl
         db.execute("INSERT INTO sessions (token_hash, username, created_at, expires_at, credential)"
                    " VALUES (?, ?, ?, ?, ?)", (_digest(token), username, now, expires, credential))
         return token, expires
 
-    def resolve(self, token: str) -> str | None:
-        """The user a live token belongs to, or None (unknown, expired, logged out, credential changed, user
-        removed)."""
+    def resolve(self, token: str) -> tuple[str, str] | None:
+        """(user, credential fingerprint) of a live token, or None (unknown, expired, logged out). The gateway
+        compares the credential with the user's current one (a changed password ends the session)."""
         if len(token) > 512:
             return None
         row = self._store.connection().execute(
             "SELECT username, credential FROM sessions WHERE token_hash = ? AND expires_at > ? AND revoked_at IS NULL",
             (_digest(token), time.time())).fetchone()
-        if row is None or row[1] != self._credential_of(row[0]):
-            return None
-        return row[0]
+        return None if row is None else (row[0], row[1])
 
     def revoke_in(self, db: sqlite3.Connection, token: str) -> str | None:
         """Log a token out. Returns its user, also for a token logged out before (the holder retrying), or
