@@ -86,6 +86,7 @@ class Payment:
     amount: int
     recovery_point: Point
     response: bytes | None = None
+    epoch: int = 0  # the fencing token a store hands out with a claimed or taken-over payment (PostgreSQL)
 
 
 @dataclass(frozen=True)
