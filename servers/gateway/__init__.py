@@ -1,0 +1,1 @@
+"""The gateway: its request handling and the store behind it."""
