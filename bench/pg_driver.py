@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import re
 import statistics
@@ -117,13 +118,17 @@ async def main_async(admin_url: str, payments: int, concurrency: int, rounds: in
     name = f"strife_bench_{uuid.uuid4().hex[:10]}"
     await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
     url = with_database(admin_url, name)
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    variants = dict(VARIANTS)
+    if importlib.util.find_spec("psycopg_pool") is None:
+        print("psycopg 3 is not installed (pip install 'psycopg[binary]' psycopg_pool): measuring asyncpg only")
+        variants = {k: v for k, v in variants.items() if k.startswith("asyncpg")}
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     try:
         conn = await asyncpg.connect(url)
         await sql.migrate(conn)
         await conn.close()
         for round_no in range(rounds):
-            for variant, make in VARIANTS.items():
+            for variant, make in variants.items():
                 run, close = await make(url)
                 try:
                     await measure(run, 50, 4)  # warm the statement caches
