@@ -180,29 +180,39 @@ class PostgresStore:
         text = " ".join(str(exc).split()) or "no details"
         return scrub(f"{type(exc).__name__}: {text}", self._url)
 
-    def _is_unavailable(self, exc: BaseException, conn: Any) -> bool:
+    @staticmethod
+    def _is_unavailable(exc: BaseException) -> bool:
         import asyncpg
 
-        if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-                            asyncpg.exceptions.OperatorInterventionError,  # terminated, shutting down, timed out
-                            asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-                            asyncpg.exceptions.ConnectionDoesNotExistError)):
-            return True
-        return isinstance(exc, asyncpg.InterfaceError) and conn is not None and conn.is_closed()
+        return isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+                                asyncpg.exceptions.OperatorInterventionError,  # terminated, shutting down, timed out
+                                asyncpg.exceptions.InsufficientResourcesError))  # too many connections
+
+    @staticmethod
+    def _is_broken(exc: BaseException) -> bool:
+        """The connection's protocol state can't be trusted: closed under us, or confused by a backend that was
+        terminated between two calls (asyncpg's "another operation is in progress"). Argument errors are ours."""
+        import asyncpg
+
+        return isinstance(exc, (asyncpg.InternalClientError, asyncpg.InterfaceError)) and not isinstance(exc, ValueError)
 
     @asynccontextmanager
     async def _connection(self, what: str) -> AsyncIterator[Any]:
         """A pooled connection; connection trouble (refused, lost, timed out) comes out as StoreUnavailable."""
         if self._pool is None:
             raise StoreUnavailable(f"the payment store {self.display_url} is not open")
-        conn = None
         try:
             async with self._pool.acquire(timeout=self.options.command_timeout) as conn:
-                yield conn
+                try:
+                    yield conn
+                except Exception as exc:
+                    if self._is_broken(exc):
+                        conn.terminate()  # the pool opens a fresh one for the next call
+                    raise
         except (StoreUnavailable, LostOwnership):
             raise
         except Exception as exc:
-            if not self._is_unavailable(exc, conn):
+            if not (self._is_unavailable(exc) or self._is_broken(exc)):
                 raise
             raise StoreUnavailable(f"the payment store {self.display_url} is unavailable ({what}): "
                                    f"{self._describe(exc)}") from None
