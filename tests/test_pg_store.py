@@ -6,9 +6,12 @@ matters the replica is a process of its own (tests/pg_replica.py), killed with S
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
+import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -17,7 +20,7 @@ import pytest
 
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.postgres import PostgresOptions, PostgresStore
-from servers.gateway.store.postgres_sql import OWNER_LOCK_SPACE, migrations
+from servers.gateway.store.postgres_sql import FINISH, OWNER_LOCK_SPACE, migrations
 from servers.idempotency import ClaimKind, LostOwnership, Payment, Point
 from tests.harness import Proc
 from tests.pg_support import eventually
@@ -277,3 +280,65 @@ async def test_a_replica_that_lost_its_session_takes_no_new_payment(postgres_url
             await store.claim("alice", "k", *PAY)
         await eventually(store.is_live, 10, message="the new identity")
         assert (await store.claim("alice", "k", *PAY)).kind is ClaimKind.NEW
+
+
+# ---- finishing, sweeping, sessions -------------------------------------------------------------------------------
+async def test_finishes_queued_together_share_one_statement_and_each_is_fenced(postgres_url: str) -> None:
+    statements: list[str] = []
+    async with replica(postgres_url, query_logger=lambda q: statements.append(q.query)) as store:
+        payments = []
+        for i in range(10):
+            payment = (await store.claim("alice", f"k{i}", *PAY)).payment
+            await decide(store, payment)
+            payments.append(payment)
+        statements.clear()
+        stale = replace(payments[0], epoch=7)  # an epoch this replica does not hold
+        results = await asyncio.gather(*(store.finish_later(p) for p in [*payments[1:], stale]),
+                                       return_exceptions=True)
+        assert results[:-1] == [None] * 9 and isinstance(results[-1], LostOwnership)
+        assert statements.count(FINISH) == 1  # all ten in one statement
+        await store.finish(payments[0])
+        with pytest.raises(LostOwnership):
+            await store.finish(payments[0])  # finished already: nothing of this owner's to finish
+    rows = await fetch(postgres_url, "SELECT recovery_point, owner FROM idempotency_keys")
+    assert {tuple(r) for r in rows} == {("finished", None)} and len(rows) == 10
+
+
+async def test_sweep_deletes_finished_keys_past_the_ttl_in_batches_and_keeps_the_history(postgres_url: str) -> None:
+    small = replace(FAST, sweep_batch=2)
+    async with replica(postgres_url, small) as a, replica(postgres_url, small) as b:
+        for i in range(7):
+            payment = (await a.claim("alice", f"done-{i}", *PAY)).payment
+            await decide(a, payment)
+            await a.finish(payment)
+        await decide(a, (await a.claim("alice", "decided", *PAY)).payment)
+        await a.claim("alice", "started", *PAY)
+        assert await a.sweep_keys(3600) == 0  # none is an hour old
+        assert sum(await asyncio.gather(a.sweep_keys(0), b.sweep_keys(0))) == 7  # two sweepers, no fight
+        keys = await fetch(postgres_url, "SELECT idem_key FROM idempotency_keys ORDER BY idem_key")
+        assert [r["idem_key"] for r in keys] == ["decided", "started"]  # unfinished keys are never swept
+        assert len(await fetch(postgres_url, "SELECT 1 FROM payments")) == 9
+        assert (await a.claim("alice", "done-0", *PAY)).kind is ClaimKind.NEW  # past its TTL a key is new
+
+
+async def test_sessions_are_shared_by_replicas_expire_by_the_store_clock_and_are_swept(postgres_url: str) -> None:
+    async with replica(postgres_url) as a, replica(postgres_url) as b:
+        token, expires = await a.create_session("alice", "credential-1", 60)
+        assert abs(expires - time.time() - 60) < 5
+        assert await b.resolve_session(token) == ("alice", "credential-1")
+        stored = await fetch(postgres_url, "SELECT * FROM sessions")
+        assert token not in repr([tuple(r) for r in stored])
+        assert stored[0]["token_hash"] == hashlib.sha256(token.encode()).hexdigest()
+        await b.end_session(token)
+        assert await a.resolve_session(token) is None
+        short, _ = await a.create_session("bob", "c", 0.3)
+        kept, _ = await a.create_session("carol", "c", 60)
+        await eventually(lambda: _expired(b, short), 5, message="the short session to expire")
+        assert await b.sweep_sessions() == 1
+        assert await a.resolve_session(kept) == ("carol", "c")
+        assert await a.resolve_session("x" * 600) is None
+        assert len(await fetch(postgres_url, "SELECT 1 FROM sessions")) == 1
+
+
+async def _expired(store: PostgresStore, token: str) -> bool:
+    return await store.resolve_session(token) is None

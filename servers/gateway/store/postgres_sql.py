@@ -195,15 +195,15 @@ SELECT {_HISTORY_COLUMNS} FROM (
         ORDER BY id DESC LIMIT $3) AS r)
 ) AS h ORDER BY id DESC LIMIT $3"""
 
-# A batch of finished keys older than the TTL ($1 seconds); $2 batch size. Rows another sweeper is deleting
-# are skipped, not waited for.
+# A batch of finished keys older than the TTL ($1 seconds), oldest first; $2 batch size. Rows another sweeper
+# is deleting are skipped, not waited for. The ORDER BY keeps the batch on the index (without it the planner may
+# scan from the table's start until it has a batch), and the rows are deleted by the tuple ids just locked: a
+# join back on the key would be hashed over a scan of the whole table.
 SWEEP_KEYS = f"""
-WITH doomed AS (
-    SELECT username, idem_key FROM idempotency_keys
+DELETE FROM idempotency_keys WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM idempotency_keys
     WHERE recovery_point = 'finished' AND finished_at < {NOW} - $1::float8
-    LIMIT $2 FOR UPDATE SKIP LOCKED
-)
-DELETE FROM idempotency_keys k USING doomed d WHERE k.username = d.username AND k.idem_key = d.idem_key"""
+    ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))"""
 
 # ---- sessions ---------------------------------------------------------------------------------------------------
 CREATE_SESSION = f"""
@@ -212,7 +212,5 @@ VALUES ($1, $2, $3, {NOW}, {NOW} + $4::float8) RETURNING expires_at"""
 RESOLVE_SESSION = f"SELECT username, credential FROM sessions WHERE token_hash = $1 AND expires_at > {NOW}"
 END_SESSION = "DELETE FROM sessions WHERE token_hash = $1"
 SWEEP_SESSIONS = f"""
-WITH doomed AS (
-    SELECT token_hash FROM sessions WHERE expires_at <= {NOW} LIMIT $1 FOR UPDATE SKIP LOCKED
-)
-DELETE FROM sessions s USING doomed d WHERE s.token_hash = d.token_hash"""
+DELETE FROM sessions WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM sessions WHERE expires_at <= {NOW} ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"""
