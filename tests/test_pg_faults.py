@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,7 +20,7 @@ from servers.idempotency import ClaimKind
 from tests.harness import free_port
 from tests.pg_support import eventually
 from tests.tcpproxy import TcpProxy
-from tests.test_pg_store import FAST, PAY, fetch, key_row, replica
+from tests.test_pg_store import FAST, PAY, lock_gone, fetch, key_row, replica
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -34,6 +36,39 @@ def proxied(url: str, proxy: TcpProxy, password: str = SECRET) -> str:
 
 def target_port(url: str) -> int:
     return urlsplit(url).port or 5432
+
+
+class StallingProxy(TcpProxy):
+    """A TcpProxy that can also go silent: bytes are held, nothing is closed (no FIN, no RST) — what the store
+    sees when a link or a machine vanishes. Neither end is told anything; only a timeout can notice."""
+
+    def __init__(self, target_port: int) -> None:
+        self._flowing = threading.Event()
+        self._flowing.set()
+        super().__init__(target_port)
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        self._flowing.set()
+        super().close()
+
+    def _pump(self, pair: tuple[socket.socket, socket.socket], src: socket.socket, dst: socket.socket,
+              is_reply: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                self._flowing.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._close_pair(pair)
 
 
 async def test_a_cut_link_fails_fast_and_the_replica_serves_again_once_it_is_back(
@@ -66,6 +101,25 @@ async def test_a_cut_link_fails_fast_and_the_replica_serves_again_once_it_is_bac
     finally:
         proxy.close()
     assert SECRET not in caplog.text
+
+
+async def test_a_silent_link_is_noticed_within_the_liveness_timeout(postgres_url: str) -> None:
+    proxy = StallingProxy(target_port(postgres_url))
+    try:
+        async with replica(proxied(postgres_url, proxy)) as store:
+            first_owner = store.owner_number
+            proxy.stall()
+            await eventually(lambda: not store.is_live(), FAST.liveness_interval + FAST.liveness_timeout + 2,
+                             message="the silent session to be noticed")
+            with pytest.raises(StoreUnavailable):
+                await store.claim("alice", "k", *PAY)
+            proxy.flow()
+            await eventually(store.is_live, 15, message="the replica to be back")
+            assert store.owner_number != first_owner
+            assert (await store.claim("alice", "k", *PAY)).kind is ClaimKind.NEW
+        await eventually(lambda: lock_gone(postgres_url, first_owner), 10, message="the old session to end")
+    finally:
+        proxy.close()
 
 
 async def test_terminated_pool_backends_cost_at_most_an_unavailable_call(postgres_url: str) -> None:

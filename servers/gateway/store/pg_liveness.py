@@ -37,6 +37,7 @@ class Liveness:
         self._live = False
         self._closed = False
         self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()     # set on a loss: the watchdog reconnects now, not after its interval
         self.number: int | None = None  # the current owner number (the last one, while not live)
         self.backend_pid: int | None = None
 
@@ -100,6 +101,7 @@ class Liveness:
         conn, self._conn = self._conn, None
         log.warning("lost the store session of owner %s (%s): not serving until it is back", self.number, reason)
         self._set_live(False)
+        self._wake.set()
         if conn is not None:
             conn.remove_termination_listener(self._on_terminated)
             conn.terminate()  # if the server still has the session, it sees the socket close and ends it
@@ -118,7 +120,11 @@ class Liveness:
         reported = False
         while not self._closed:
             if self._live:
-                await asyncio.sleep(self._interval)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
                 conn = self._conn
                 if conn is None or not self._live:
                     continue
