@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -101,6 +102,26 @@ async def test_a_cut_link_fails_fast_and_the_replica_serves_again_once_it_is_bac
     finally:
         proxy.close()
     assert SECRET not in caplog.text
+
+
+async def test_a_closed_session_is_noticed_at_once_and_no_payment_is_taken_until_it_is_back(
+        postgres_url: str) -> None:
+    # Checks every 30 s: noticing within seconds is the driver's notice that the session closed.
+    proxy = TcpProxy(target_port(postgres_url))
+    try:
+        async with replica(proxied(postgres_url, proxy), replace(FAST, liveness_interval=30)) as store:
+            first_owner = store.owner_number
+            proxy.cut()  # closes every connection, and refuses new ones: it stays without a session
+            await eventually(lambda: not store.is_live(), 3, message="the loss to be noticed")
+            with pytest.raises(StoreUnavailable, match="lost its session"):
+                await store.claim("alice", "k", *PAY)
+            assert await store.take_over_abandoned(10) == [] and await store.owned_unfinished() == []
+            proxy.restore()
+            await eventually(store.is_live, 10, message="the new identity")
+            assert store.owner_number != first_owner
+            assert (await store.claim("alice", "k", *PAY)).kind is ClaimKind.NEW
+    finally:
+        proxy.close()
 
 
 async def test_a_silent_link_is_noticed_within_the_liveness_timeout(postgres_url: str) -> None:

@@ -274,17 +274,6 @@ async def test_commits_are_durable_even_where_the_database_default_is_not(postgr
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
 
 
-async def test_a_replica_that_lost_its_session_takes_no_new_payment(postgres_url: str) -> None:
-    # Checks every 30 s: noticing within seconds, and coming back, is the driver's notice of the closed session.
-    async with replica(postgres_url, replace(FAST, liveness_interval=30)) as store:
-        await terminate_liveness(postgres_url, store.owner_number)
-        await eventually(lambda: not store.is_live(), 3, message="the loss to be noticed")
-        with pytest.raises(StoreUnavailable, match="lost its session"):
-            await store.claim("alice", "k", *PAY)
-        await eventually(store.is_live, 10, message="the new identity")
-        assert (await store.claim("alice", "k", *PAY)).kind is ClaimKind.NEW
-
-
 # ---- finishing, sweeping, sessions -------------------------------------------------------------------------------
 async def test_finishes_queued_together_share_one_statement_and_each_is_fenced(postgres_url: str) -> None:
     statements: list[str] = []

@@ -24,6 +24,8 @@ from servers.gateway.store import postgres_sql as sql
 
 log = logging.getLogger("strife.store.liveness")
 
+_RECONNECT_MAX = 1.0  # seconds between attempts to take a new identity while the store is unreachable
+
 
 class Liveness:
     def __init__(self, connect: Callable[[], Awaitable[Any]], *, describe: Callable[[BaseException], str],
@@ -146,4 +148,4 @@ class Liveness:
                                 self._describe(exc))
                     reported = True
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._interval)
+                backoff = min(backoff * 2, _RECONNECT_MAX)
