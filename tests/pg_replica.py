@@ -14,7 +14,8 @@ import json
 import signal
 import sys
 
-from servers.gateway.store.postgres import PostgresOptions, PostgresStore
+from servers.gateway.store.pg_connection import PostgresOptions
+from servers.gateway.store.postgres import PostgresStore
 from servers.idempotency import LostOwnership
 
 

@@ -15,7 +15,8 @@ import asyncpg
 import pytest
 
 from servers.gateway.store.errors import StoreUnavailable
-from servers.gateway.store.postgres import PostgresOptions, PostgresStore
+from servers.gateway.store.pg_connection import PostgresOptions
+from servers.gateway.store.postgres import PostgresStore
 from servers.gateway.store.url import mask_url, scrub
 from servers.idempotency import ClaimKind
 from tests.harness import free_port

@@ -19,8 +19,9 @@ import asyncpg
 import pytest
 
 from servers.gateway.store.errors import StoreUnavailable
-from servers.gateway.store.postgres import PostgresOptions, PostgresStore
-from servers.gateway.store.postgres_sql import FINISH, OWNER_LOCK_SPACE, migrations
+from servers.gateway.store.pg_connection import PostgresOptions
+from servers.gateway.store.postgres import PostgresStore
+from servers.gateway.store.postgres_sql import FINISH, MIGRATION_LOCK, OWNER_LOCK_SPACE, migrations
 from servers.idempotency import ClaimKind, LostOwnership, Payment, Point
 from tests.harness import Proc
 from tests.pg_support import eventually
@@ -264,6 +265,26 @@ async def test_replicas_started_at_once_on_an_empty_database_all_come_up(postgre
         await asyncio.gather(*(store.close() for store in stores))
     rows = await fetch(postgres_url, "SELECT version FROM schema_migrations ORDER BY version")
     assert [r["version"] for r in rows] == [m.version for m in migrations()]
+
+
+async def test_a_replica_waits_behind_another_replicas_long_migration(postgres_url: str) -> None:
+    holder = await asyncpg.connect(postgres_url)  # another replica, in the middle of a long migration
+    try:
+        migrating = holder.transaction()
+        await migrating.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATION_LOCK)
+        store = PostgresStore(postgres_url, replace(FAST, command_timeout=1.0))
+        starting = asyncio.ensure_future(store.start())
+        await eventually(lambda: fetch(postgres_url, "SELECT 1 FROM pg_stat_activity WHERE application_name ="
+                                                     " 'strife-gateway' AND wait_event_type = 'Lock'"
+                                                     " AND query_start < now() - interval '2 seconds'"), 10,
+                         message="the start to wait on the migration lock past its command timeout")
+        await migrating.rollback()
+        await starting
+    finally:
+        await holder.close()
+    assert store.is_live()
+    await store.close()
 
 
 async def test_commits_are_durable_even_where_the_database_default_is_not(postgres_url: str) -> None:

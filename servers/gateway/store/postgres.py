@@ -20,11 +20,12 @@ import logging
 import secrets
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 from servers.gateway.store import postgres_sql as sql
 from servers.gateway.store.errors import StoreUnavailable
+from servers.gateway.store.pg_connection import PostgresOptions, is_broken, is_unavailable, server_settings
 from servers.gateway.store.pg_liveness import Liveness
 from servers.gateway.store.url import mask_url, scrub
 from servers.idempotency import Claim, ClaimKind, HistoryRow, LostOwnership, Payment, Point, fingerprint
@@ -32,22 +33,6 @@ from servers.idempotency import Claim, ClaimKind, HistoryRow, LostOwnership, Pay
 log = logging.getLogger("strife.store.postgres")
 
 _MAX_TOKEN = 512
-
-
-@dataclass(frozen=True)
-class PostgresOptions:
-    pool_min: int = 1
-    pool_max: int = 8
-    connect_timeout: float = 5.0
-    command_timeout: float = 5.0     # bounds every call (client side) and every statement (server side)
-    liveness_interval: float = 1.0   # how often the liveness session is checked
-    liveness_timeout: float = 2.0    # a check slower than this counts as a lost session
-    keepalive_idle: int = 5          # the server's TCP keepalives on our sessions: a vanished replica's lock is
-    keepalive_interval: int = 1      # freed after ~idle + interval × count seconds, or user_timeout when the
-    keepalive_count: int = 3         # server was sending — instead of the kernel's two hours
-    user_timeout_ms: int = 8000
-    sweep_batch: int = 1000
-    finish_batch: int = 500
 
 
 def _digest(token: str) -> str:
@@ -114,14 +99,6 @@ class PostgresStore:
         return self._liveness.number  # type: ignore[union-attr,return-value]
 
     # ---- start and stop ---------------------------------------------------------------------------------------
-    def _server_settings(self) -> dict[str, str]:
-        o = self.options
-        return {"application_name": "strife-gateway", "synchronous_commit": "on",
-                "statement_timeout": str(int(o.command_timeout * 1000)),
-                "idle_in_transaction_session_timeout": str(int(o.command_timeout * 2000)),
-                "tcp_keepalives_idle": str(o.keepalive_idle), "tcp_keepalives_interval": str(o.keepalive_interval),
-                "tcp_keepalives_count": str(o.keepalive_count), "tcp_user_timeout": str(o.user_timeout_ms)}
-
     async def start(self) -> None:
         """Connect, migrate (under a lock), take liveness. Raises StoreUnavailable with one masked line."""
         import asyncpg  # lazily: a gateway on SQLite never needs the driver
@@ -140,7 +117,7 @@ class PostgresStore:
         try:
             self._pool = await asyncpg.create_pool(
                 self._url, min_size=o.pool_min, max_size=o.pool_max, timeout=o.connect_timeout,
-                command_timeout=o.command_timeout, server_settings=self._server_settings(), reset=no_reset,
+                command_timeout=o.command_timeout, server_settings=server_settings(o), reset=no_reset,
                 init=init)
             async with self._pool.acquire(timeout=o.connect_timeout) as conn:
                 durability = await conn.fetchval("SHOW synchronous_commit")
@@ -151,7 +128,7 @@ class PostgresStore:
             if applied:
                 log.info("store %s: applied schema migrations %s", self.display_url, applied)
             self._liveness = Liveness(
-                lambda: asyncpg.connect(self._url, timeout=o.connect_timeout, server_settings=self._server_settings()),
+                lambda: asyncpg.connect(self._url, timeout=o.connect_timeout, server_settings=server_settings(o)),
                 describe=self._describe, on_change=self._liveness_changed, check_interval=o.liveness_interval,
                 check_timeout=o.liveness_timeout)
             await self._liveness.start()
@@ -180,22 +157,6 @@ class PostgresStore:
         text = " ".join(str(exc).split()) or "no details"
         return scrub(f"{type(exc).__name__}: {text}", self._url)
 
-    @staticmethod
-    def _is_unavailable(exc: BaseException) -> bool:
-        import asyncpg
-
-        return isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-                                asyncpg.exceptions.OperatorInterventionError,  # terminated, shutting down, timed out
-                                asyncpg.exceptions.InsufficientResourcesError))  # too many connections
-
-    @staticmethod
-    def _is_broken(exc: BaseException) -> bool:
-        """The connection's protocol state can't be trusted: closed under us, or confused by a backend that was
-        terminated between two calls (asyncpg's "another operation is in progress"). Argument errors are ours."""
-        import asyncpg
-
-        return isinstance(exc, (asyncpg.InternalClientError, asyncpg.InterfaceError)) and not isinstance(exc, ValueError)
-
     @asynccontextmanager
     async def _connection(self, what: str) -> AsyncIterator[Any]:
         """A pooled connection; connection trouble (refused, lost, timed out) comes out as StoreUnavailable."""
@@ -206,13 +167,13 @@ class PostgresStore:
                 try:
                     yield conn
                 except Exception as exc:
-                    if self._is_broken(exc):
+                    if is_broken(exc):
                         conn.terminate()  # the pool opens a fresh one for the next call
                     raise
         except (StoreUnavailable, LostOwnership):
             raise
         except Exception as exc:
-            if not (self._is_unavailable(exc) or self._is_broken(exc)):
+            if not (is_unavailable(exc) or is_broken(exc)):
                 raise
             raise StoreUnavailable(f"the payment store {self.display_url} is unavailable ({what}): "
                                    f"{self._describe(exc)}") from None

@@ -50,21 +50,23 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )"""
 
 
-async def migrate(conn) -> list[int]:  # conn: asyncpg.Connection (imported lazily by the store)
+async def migrate(conn, timeout: float = 600.0) -> list[int]:  # conn: asyncpg.Connection (imported lazily)
     """Apply every migration not yet applied, in one transaction under the migration lock; return the versions
     applied. Replicas starting at once on an empty database queue on the lock: the first creates everything,
-    the others then find it done."""
+    the others then find it done. Bounded by `timeout`, not by the serving statement timeout: a replica may wait
+    behind another's long migration (an index on a big table), and must not give up on start for that."""
     applied_now: list[int] = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATION_LOCK)
-        await conn.execute(MIGRATIONS_TABLE)
-        done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        await conn.execute(f"SET LOCAL statement_timeout = {int(timeout * 1000)}", timeout=timeout)
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATION_LOCK, timeout=timeout)
+        await conn.execute(MIGRATIONS_TABLE, timeout=timeout)
+        done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations", timeout=timeout)}
         for migration in migrations():
             if migration.version in done:
                 continue
-            await conn.execute(migration.sql)
+            await conn.execute(migration.sql, timeout=timeout)
             await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                               migration.version, migration.name)
+                               migration.version, migration.name, timeout=timeout)
             applied_now.append(migration.version)
     return applied_now
 
