@@ -74,11 +74,7 @@ class Liveness:
             if not locked:  # pragma: no cover - a fresh number's lock cannot be held by anyone
                 raise RuntimeError(f"owner lock {number} is held already: is another program using its key space?")
             if self.number is not None:
-                # Best effort: if the server still has our old session (a false alarm, or a half-open socket),
-                # end it, so that our old payments are free for take-over now, not when keepalives give up.
-                ended = await conn.fetch(sql.END_OLD_IDENTITY, self.number, timeout=self._timeout)
-                if ended:
-                    log.info("ended this replica's earlier store session (owner %d)", self.number)
+                await self._end_old_identity(conn, self.number)
         except BaseException:
             conn.terminate()
             raise
@@ -92,6 +88,17 @@ class Liveness:
             log.warning("store session back: this replica is now owner %d (was %d); owner %d's payments are "
                         "recovered by the completers", number, old, old)
         self._set_live(True)
+
+    async def _end_old_identity(self, conn: Any, old: int) -> None:
+        """Best effort: if the server still has our old session (a false alarm, or a half-open socket), end it,
+        so that our old payments are free for take-over now, not when the server's keepalives give up."""
+        import asyncpg
+
+        try:
+            if await conn.fetch(sql.END_OLD_IDENTITY, old, timeout=self._timeout):
+                log.info("ended this replica's earlier store session (owner %d)", old)
+        except asyncpg.PostgresError as exc:  # e.g. no right to signal it: keepalives will end it
+            log.info("could not end the earlier store session of owner %d: %s", old, self._describe(exc))
 
     def _on_terminated(self, conn: Any) -> None:
         if conn is self._conn:

@@ -302,6 +302,8 @@ class PostgresStore:
             return
         try:
             await self._release(payment)
+        except LostOwnership:
+            return  # the session was lost meanwhile: the old identity's payments are recovered as a dead owner's
         except StoreUnavailable as exc:
             log.warning("could not release payment %s now (%s); retrying at the next completer pass",
                         payment.txn_id, exc)
