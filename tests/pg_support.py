@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 
-from servers.gateway.store.url import mask_url, with_database
+from servers.gateway.store.url import mask_url, scrub, with_database
 
 ADMIN_ENV = "STRIFE_TEST_POSTGRES"
 REQUIRE_ENV = "STRIFE_REQUIRE_POSTGRES"
@@ -49,7 +49,7 @@ def _probe() -> str | None:
     try:
         asyncio.run(_admin("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any failure means "no usable server"
-        return f"{type(exc).__name__}: {exc}"
+        return scrub(f"{type(exc).__name__}: {exc}", admin_url())
     return None
 
 

@@ -79,7 +79,9 @@ async def decide(store: PostgresStore, payment: Payment, commit: bool = True, re
 
 # ---- claims ----------------------------------------------------------------------------------------------------
 async def test_claim_is_new_then_in_flight_then_replayed_and_other_parameters_mismatch(postgres_url: str) -> None:
-    async with replica(postgres_url) as store:
+    sent: list[str] = []
+    async with replica(postgres_url, query_logger=lambda q: sent.append(q.query)) as store:
+        sent.clear()
         first = await store.claim("alice", "k1", *PAY)
         assert first.kind is ClaimKind.NEW and first.payment.epoch == 1
         assert first.payment.recovery_point is Point.STARTED and first.payment.txn_id.startswith("txn-")
@@ -87,6 +89,7 @@ async def test_claim_is_new_then_in_flight_then_replayed_and_other_parameters_mi
         await decide(store, first.payment, response=b"stored response")
         replay = await store.claim("alice", "k1", *PAY)
         assert replay.kind is ClaimKind.REPLAY and replay.payment.response == b"stored response"
+        assert len(sent) == 4  # one statement (one round trip) each: new, in flight, decide, replay
         assert replay.payment.txn_id == first.payment.txn_id
         assert (await store.claim("alice", "k1", "SBI-1001", "HDFC-2001", 101)).kind is ClaimKind.MISMATCH
         other_user = await store.claim("bob", "k1", *PAY)  # keys are scoped per user
