@@ -45,3 +45,13 @@ def untouched(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> Iter
 def alice(untouched: Cluster) -> Client:
     """alice, logged in to the module's `untouched` cluster."""
     return untouched.client("alice")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test, dropped afterwards (tests/pg_support.py). Skips with one
+    line when no server is reachable; fails instead under STRIFE_REQUIRE_POSTGRES=1."""
+    from tests.pg_support import fresh_database
+
+    with fresh_database() as url:
+        yield url

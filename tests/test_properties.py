@@ -4,7 +4,7 @@ exactly-once, each checked step by step against a small in-memory model.
 - The bank participant (`servers.ledger.Ledger`): any sequence of Prepare/Commit/Abort over a few transaction
   ids, with duplicates, reorderings, both banks' accounts, and restarts (close + reopen of the SQLite file)
   between steps. The model predicts every vote, ack and balance; invariants are read straight from disk.
-- The gateway's key table (`servers.idempotency.PaymentStore`): two gateway "processes" sharing one SQLite
+- The gateway's key table (`servers.gateway.store.sqlite_payments.PaymentStore`): two gateway "processes" sharing one SQLite
   file and one owners directory, claiming, deciding, finishing and releasing keys of several users, crashing
   (the kernel drops a dead process's flock; the lock file stays) and restarting, taking over abandoned
   payments and sweeping. The model predicts every claim kind and every row of the table.
