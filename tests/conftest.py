@@ -14,11 +14,19 @@ def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def make_cluster(tmp_path: Path, certs_dir: Path) -> Iterator[Callable[..., Cluster]]:
+def gateway_store() -> str:
+    """The store the clusters' gateways run on: SQLite, unless a module runs on both stores
+    (`gateway_store = on_both_stores`, tests/pg_support.py)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, certs_dir: Path, gateway_store: str) -> Iterator[Callable[..., Cluster]]:
     """Build (and afterwards stop) fresh clusters: `make_cluster(txn_timeout=1, start=True, ...)`."""
     made: list[Cluster] = []
 
     def factory(*, start: bool = True, **kwargs) -> Cluster:
+        kwargs.setdefault("store", gateway_store)
         cluster = Cluster(root=tmp_path / f"cluster{len(made)}", certs_dir=certs_dir, **kwargs)
         made.append(cluster)
         return cluster.start() if start else cluster

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -23,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from servers import certs as certs_module
+from tests.store_view import StoreView
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw", "dave": "dave-pw"}
@@ -214,6 +216,7 @@ class Cluster:
     bank_ports: dict[str, int] = field(default_factory=dict)
     bank_addresses: dict[str, str] = field(default_factory=dict)  # what the gateway dials (maybe a proxy)
     gateway_port: int = 0
+    store: str = "sqlite"  # or a PostgreSQL URL: every gateway of the cluster runs on it (--store)
     # A process's own --certs-dir (e.g. its bundle), by process name ("SBI", "gateway"); others use certs_dir.
     process_certs: dict[str, Path] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -239,8 +242,9 @@ class Cluster:
                            *self._common(bank)], self.root / f"{bank}.log")
 
     def gateway_proc(self, port: int | None = None, name: str = "gateway") -> Proc:
+        store = [] if self.store == "sqlite" else ["--store", self.store]
         return Proc(name, ["servers.gateway_server", "--port", str(port or self.gateway_port),
-                           "--txn-timeout", str(self.txn_timeout), "--completer-interval", "0.2",
+                           "--txn-timeout", str(self.txn_timeout), "--completer-interval", "0.2", *store,
                            *self.gateway_args, *self._common(name)], self.root / f"{name}.log")
 
     def start(self) -> "Cluster":
@@ -338,11 +342,22 @@ class Cluster:
             return dict(db.execute("SELECT txn_id, state FROM transactions"))
 
     def gateway_db(self) -> sqlite3.Connection:
+        """The SQLite store's file, read-only (SQLite clusters only; `view` reads either backend)."""
+        assert self.store == "sqlite", "gateway_db() reads the SQLite store; use cluster.view"
         return sqlite3.connect(f"file:{self.data_dir / 'gateway.sqlite3'}?mode=ro", uri=True, timeout=30)
 
+    @property
+    def view(self) -> StoreView:
+        return StoreView(self.store, self.data_dir)
+
     def unfinished_payments(self) -> int:
-        with self.gateway_db() as db:
-            return db.execute("SELECT count(*) FROM idempotency_keys WHERE recovery_point != 'finished'").fetchone()[0]
+        return self.view.unfinished()
+
+    def owner_of(self, name: str = "gateway") -> str:
+        """The owner id a gateway process logged at start (the latest, if it took a new one since)."""
+        ids = re.findall(r"\(owner (\S+), store", self.procs[name].log())
+        assert ids, f"{name} logged no owner id"
+        return ids[-1]
 
 
 OPENING_TOTAL = sum(int(round(v * 100)) for accounts in OPENING.values() for v in accounts.values())

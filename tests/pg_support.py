@@ -92,3 +92,10 @@ async def eventually(predicate: Callable[[], Awaitable[Any] | Any], timeout: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture(params=["sqlite", "postgres"], name="gateway_store")
+def on_both_stores(request: pytest.FixtureRequest) -> str:
+    """Run a module's cluster tests on both stores: `gateway_store = on_both_stores` in the module. The
+    PostgreSQL run gets a fresh database (skipped without a server, failed under STRIFE_REQUIRE_POSTGRES=1)."""
+    return "sqlite" if request.param == "sqlite" else request.getfixturevalue("postgres_url")

@@ -12,7 +12,6 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Callable
 
 import grpc
@@ -21,9 +20,12 @@ import pytest
 from protofiles import payment_pb2 as pb
 from servers.faults import POINTS
 from tests.harness import OPENING, OPENING_TOTAL, Client, Cluster, Proc, free_port, send_duplicates, wait_until
+from tests.pg_support import on_both_stores
+from tests.store_view import KeyRow
 from tests.tcpproxy import TcpProxy
 
 MakeCluster = Callable[..., Cluster]
+gateway_store = on_both_stores  # every cluster test here runs on SQLite and on PostgreSQL
 SUCCEEDED, FAILED = pb.PAYMENT_STATUS_SUCCEEDED, pb.PAYMENT_STATUS_FAILED
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
              grpc.StatusCode.CANCELLED)
@@ -42,38 +44,18 @@ def key() -> str:
     return f"test-{uuid.uuid4()}"
 
 
-# ---- reading the gateway's store ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KeyRow:
-    txn_id: str
-    recovery_point: str
-    locked_by: str | None
-    response: pb.PaymentResponse | None
-
-
+# ---- reading the gateway's store (either backend: tests/store_view.py) -------------------------------------
 def key_row(cluster: Cluster, user: str, idem_key: str) -> KeyRow | None:
-    with cluster.gateway_db() as db:
-        row = db.execute("SELECT p.txn_id, k.recovery_point, k.locked_by, k.response FROM idempotency_keys k"
-                         " JOIN payments p ON p.id = k.payment_id WHERE k.username = ? AND k.idem_key = ?",
-                         (user, idem_key)).fetchone()
-    if row is None:
-        return None
-    return KeyRow(row[0], row[1], row[2], None if row[3] is None else pb.PaymentResponse.FromString(row[3]))
+    return cluster.view.key_row(user, idem_key)
 
 
 def payments_with_key(cluster: Cluster, user: str, idem_key: str) -> list[tuple[str, str]]:
     """(txn_id, status) of every payment ever executed under this key, oldest first."""
-    with cluster.gateway_db() as db:
-        return db.execute("SELECT txn_id, status FROM payments WHERE username = ? AND idem_key = ? ORDER BY id",
-                          (user, idem_key)).fetchall()
+    return cluster.view.payments_with_key(user, idem_key)
 
 
 def committed(cluster: Cluster, bank: str) -> set[str]:
     return {t for t, state in cluster.txn_states(bank).items() if state == "committed"}
-
-
-def owner_pid(locked_by: str | None) -> int | None:
-    return None if not locked_by else int(locked_by.split("-", 1)[0])
 
 
 # ---- processes -------------------------------------------------------------------------------------------------
@@ -97,7 +79,8 @@ def start_with_gateway_env(make_cluster: MakeCluster, env: dict[str, str], **kwa
 
 
 def start_extra_gateway(cluster: Cluster, name: str, crash_at: str | None = None) -> int:
-    """Another gateway process on the same --data-dir (the same SQLite store); returns its port."""
+    """Another gateway process on the same store (the SQLite file in the same --data-dir, or the same PostgreSQL
+    database); returns its port."""
     port = free_port()
     proc = cluster.gateway_proc(port=port, name=name)
     if crash_at:
@@ -428,11 +411,15 @@ def test_payment_of_dead_gateway_is_taken_over_by_retry_through_live_gateway(mak
     assert replay.replayed and replay.transaction_id == txn and replay.status == final.status
 
 
-def freeze_outside_write_lock(proc: Proc, store: str) -> None:
-    """SIGSTOP a gateway, but never while it holds the store's write lock (that would stall every gateway)."""
+def freeze_outside_write_lock(proc: Proc, cluster: Cluster) -> None:
+    """SIGSTOP a gateway, but never while it holds the SQLite store's write lock (that would stall every gateway;
+    PostgreSQL has no such lock: a frozen replica's session stays, and with it its liveness)."""
+    if cluster.store != "sqlite":
+        proc.pause()
+        return
     for _ in range(50):
         proc.pause()
-        probe = sqlite3.connect(store, timeout=0.2, isolation_level=None)
+        probe = sqlite3.connect(cluster.data_dir / "gateway.sqlite3", timeout=0.2, isolation_level=None)
         try:
             probe.execute("BEGIN IMMEDIATE")
             probe.execute("ROLLBACK")
@@ -459,10 +446,10 @@ def test_live_gateway_takes_over_dead_owners_payment_but_never_a_live_owners(mak
                                                                         timeout=60)))
     payer.start()
     wait_until(lambda: key_row(cluster, "alice", k1), 10, message="gateway A to claim k1")
-    freeze_outside_write_lock(gateway_a, str(cluster.data_dir / "gateway.sqlite3"))
+    freeze_outside_write_lock(gateway_a, cluster)
     cluster.procs["SBI"].resume()
     owner_a = key_row(cluster, "alice", k1)
-    assert owner_pid(owner_a.locked_by) == gateway_a.popen.pid and owner_a.recovery_point == "started"
+    assert owner_a.owner == cluster.owner_of("gateway") and owner_a.recovery_point == "started"
 
     # Gateway C dies right after deciding k2. B's completer is the only live one that can finish it.
     k2 = key()
@@ -478,11 +465,11 @@ def test_live_gateway_takes_over_dead_owners_payment_but_never_a_live_owners(mak
     # That completer pass saw k1 too (it scans every unfinished key, oldest first) and left it to its live
     # owner; so does a retry through B.
     still = key_row(cluster, "alice", k1)
-    assert still.locked_by == owner_a.locked_by and still.recovery_point == "started"
+    assert still.owner == owner_a.owner and still.recovery_point == "started"
     with pytest.raises(grpc.RpcError) as err:
         alice_b.pay(k1, "SBI-1001", "HDFC-2001", 30)
     assert err.value.code() == grpc.StatusCode.ABORTED
-    assert key_row(cluster, "alice", k1).locked_by == owner_a.locked_by
+    assert key_row(cluster, "alice", k1).owner == owner_a.owner
 
     # Thawed, A finishes its own payment and answers its client.
     gateway_a.resume()

@@ -7,7 +7,10 @@ import grpc
 import pytest
 
 from protofiles import payment_pb2 as pb
+from tests.pg_support import on_both_stores
 from tests.harness import OPENING_ACCOUNTS, OPENING_TOTAL, Client, Cluster, send_duplicates, wait_until
+
+gateway_store = on_both_stores  # every cluster test here runs on SQLite and on PostgreSQL
 
 
 def key() -> str:

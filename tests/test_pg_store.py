@@ -345,15 +345,19 @@ async def test_sessions_are_shared_by_replicas_expire_by_the_store_clock_and_are
         stored = await fetch(postgres_url, "SELECT * FROM sessions")
         assert token not in repr([tuple(r) for r in stored])
         assert stored[0]["token_hash"] == hashlib.sha256(token.encode()).hexdigest()
-        await b.end_session(token)
+        assert await b.end_session(token) == "alice"
         assert await a.resolve_session(token) is None
+        assert await a.end_session(token) == "alice"  # its holder logging out again (a lost reply) is answered
+        assert await a.end_session("never-issued") is None
         short, _ = await a.create_session("bob", "c", 0.3)
         kept, _ = await a.create_session("carol", "c", 60)
         await eventually(lambda: _expired(b, short), 5, message="the short session to expire")
         assert await b.sweep_sessions() == 1
         assert await a.resolve_session(kept) == ("carol", "c")
         assert await a.resolve_session("x" * 600) is None
-        assert len(await fetch(postgres_url, "SELECT 1 FROM sessions")) == 1
+        # The logged-out session stays until it expires (so a repeated Logout is known); the expired one is gone.
+        assert sorted(r["username"] for r in await fetch(postgres_url, "SELECT username FROM sessions")) == \
+            ["alice", "carol"]
 
 
 async def _expired(store: PostgresStore, token: str) -> bool:

@@ -15,11 +15,14 @@ import grpc
 import pytest
 
 from protofiles import payment_pb2 as pb
+from tests.pg_support import on_both_stores
 from tests.harness import OPENING, OPENING_TOTAL, Cluster, wait_until
 
 MakeCluster = Callable[..., Cluster]
 SUCCEEDED, DECLINED, FAILED = pb.PAYMENT_STATUS_SUCCEEDED, pb.PAYMENT_STATUS_DECLINED, pb.PAYMENT_STATUS_FAILED
 OPENING_PAISE = {a: int(round(v * 100)) for accounts in OPENING.values() for a, v in accounts.items()}
+
+gateway_store = on_both_stores  # every cluster test here runs on SQLite and on PostgreSQL
 
 
 @pytest.fixture

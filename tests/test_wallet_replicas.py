@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from tests.harness import OPENING_TOTAL, PASSWORDS, Cluster, Proc, free_port, health_ok, wait_until
-from tests.test_crash_recovery import key_row, owner_pid, payments_with_key, start_extra_gateway
+from tests.test_crash_recovery import key_row, payments_with_key, start_extra_gateway
 from tests.wallet_support import Toasts, history_statuses, login, pay, pending_count, wait_for, wallet_argv
 from wallet_tui.app import make_app
 from wallet_tui.core import WalletCore
@@ -260,7 +260,7 @@ def test_a_draining_replica_finishes_its_payment_while_new_ones_go_to_the_other(
         worker = threading.Thread(target=lambda k=entry.key: results.__setitem__(k, core.send_now(k)))
         worker.start()
         row = wait_until(lambda: key_row(cluster, "alice", entry.key), 10, message="the key claimed")
-        if owner_pid(row.locked_by) == draining.popen.pid:
+        if row.owner == cluster.owner_of("gateway2"):
             break
         worker.join(10)
     else:

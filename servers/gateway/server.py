@@ -25,7 +25,7 @@ from servers.config import ConfigError, load_banks, load_users
 from servers.gateway.coordinator import Banks, Coordinator
 from servers.gateway.login_guard import LoginLimits
 from servers.gateway.servicer import GatewayServicer
-from servers.gateway.store import SQLITE, check_spec, open_store
+from servers.gateway.store.spec import SQLITE, check_spec, open_store
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.interface import GatewayStore
 from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, StatusFor

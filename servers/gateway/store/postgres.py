@@ -183,7 +183,8 @@ class PostgresStore:
         self._unsettled.append(payment)
 
     # ---- the payment's life -----------------------------------------------------------------------------------
-    async def claim(self, username: str, key: str, from_account: str, to_account: str, amount: int) -> Claim:
+    async def claim(self, username: str, key: str, from_account: str, to_account: str, amount: int,
+                    may_insert: bool = True) -> Claim:
         me = self._me()
         fp = fingerprint(from_account, to_account, amount)
         attempt = Payment(0, f"txn-{uuid.uuid4().hex}", username, key, from_account, to_account, amount,
@@ -192,10 +193,15 @@ class PostgresStore:
         try:
             async with self._connection("claim") as conn:
                 for _ in range(5):
-                    in_doubt = attempt
-                    rows = await conn.fetch(sql.CLAIM, username, key, fp, me, attempt.txn_id, from_account,
-                                            to_account, amount)
-                    in_doubt = None
+                    if may_insert:
+                        in_doubt = attempt
+                        rows = await conn.fetch(sql.CLAIM, username, key, fp, me, attempt.txn_id, from_account,
+                                                to_account, amount)
+                        in_doubt = None
+                    else:  # today's configuration refuses a new key: only look for a stored one
+                        rows = await conn.fetch(sql.FIND_KEY, username, key)
+                        if not rows:
+                            return Claim(ClaimKind.REFUSED)
                     new = [r for r in rows if r["new"]]
                     if new:
                         return Claim(ClaimKind.NEW, replace(attempt, id=new[0]["id"]))
@@ -207,6 +213,8 @@ class PostgresStore:
                     # under the row's lock.
                     async with conn.transaction():
                         row = await conn.fetchrow(sql.CLAIM_LOCKED, username, key)
+                        if row is None and not may_insert:
+                            return Claim(ClaimKind.REFUSED)
                         if row is None:
                             continue  # the other claim rolled back, or the key was swept: claim it afresh
                         if row["fingerprint"] != fp or row["response"] is not None:
@@ -383,11 +391,11 @@ class PostgresStore:
             row = await conn.fetchrow(sql.RESOLVE_SESSION, _digest(token))
         return None if row is None else (row["username"], row["credential"])
 
-    async def end_session(self, token: str) -> None:
+    async def end_session(self, token: str) -> str | None:
         if len(token) > _MAX_TOKEN:
-            return
+            return None
         async with self._connection("logout") as conn:
-            await conn.execute(sql.END_SESSION, _digest(token))
+            return await conn.fetchval(sql.END_SESSION, _digest(token))
 
     async def sweep_sessions(self) -> int:
         return await self._sweep(sql.SWEEP_SESSIONS)

@@ -109,11 +109,12 @@ SELECT false, {_PAYMENT}, k.fingerprint, k.owner
 FROM idempotency_keys k JOIN payments p ON p.id = k.payment_id
 WHERE k.username = $1 AND k.idem_key = $2"""
 
-CLAIM_LOCKED = f"""
+# A key as it stands (a claim that may not insert one: today's configuration refuses the request).
+FIND_KEY = f"""
 SELECT false AS new, {_PAYMENT}, k.fingerprint, k.owner
 FROM idempotency_keys k JOIN payments p ON p.id = k.payment_id
-WHERE k.username = $1 AND k.idem_key = $2
-FOR UPDATE OF k"""
+WHERE k.username = $1 AND k.idem_key = $2"""
+CLAIM_LOCKED = FIND_KEY + "\nFOR UPDATE OF k"
 
 # Resume an undecided payment (its row locked by the caller's transaction) whose owner $3 is dead or NULL: the
 # probe and the epoch bump commit together. A shared probe never blocks another prober, only a live owner.
@@ -211,8 +212,11 @@ DELETE FROM idempotency_keys WHERE ctid = ANY (ARRAY(
 CREATE_SESSION = f"""
 INSERT INTO sessions (token_hash, username, credential, created_at, expires_at)
 VALUES ($1, $2, $3, {NOW}, {NOW} + $4::float8) RETURNING expires_at"""
-RESOLVE_SESSION = f"SELECT username, credential FROM sessions WHERE token_hash = $1 AND expires_at > {NOW}"
-END_SESSION = "DELETE FROM sessions WHERE token_hash = $1"
+RESOLVE_SESSION = (f"SELECT username, credential FROM sessions WHERE token_hash = $1 AND expires_at > {NOW}"
+                   " AND revoked_at IS NULL")
+# Logged out once: a second Logout by its holder (a lost reply) still finds it and answers OK.
+END_SESSION = (f"UPDATE sessions SET revoked_at = coalesce(revoked_at, {NOW}) WHERE token_hash = $1"
+               f" AND expires_at > {NOW} RETURNING username")
 SWEEP_SESSIONS = f"""
 DELETE FROM sessions WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM sessions WHERE expires_at <= {NOW} ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"""

@@ -54,6 +54,7 @@ CREATE TABLE sessions (
     username text NOT NULL,
     credential text NOT NULL,        -- an opaque fingerprint of the credential the login used
     created_at double precision NOT NULL,
-    expires_at double precision NOT NULL
+    expires_at double precision NOT NULL,
+    revoked_at double precision      -- logged out: kept until it expires, so the holder's repeated Logout is known
 );
 CREATE INDEX sessions_expiry ON sessions (expires_at);
