@@ -3,6 +3,9 @@
     python run_all.py                  # servers in the background, the wallet in the foreground
     python run_all.py --servers-only   # servers only, until Ctrl+C / SIGTERM
 
+Every server serves Prometheus metrics: the gateway at http://localhost:9460/metrics, the banks from port 9470
+up in name order (`--metrics-base-port`, `--no-metrics`); where they are is printed with --servers-only and
+always written to run_all's log.
 Server logs go to <data-dir>/logs/<name>.log, never over the wallet's screen. Quitting the wallet (or
 Ctrl+C / SIGTERM) stops every server this script started. A server that exits on its own meanwhile is
 restarted with backoff, and given up on if it keeps exiting (servers/supervisor.py); run_all's own log of
@@ -29,6 +32,10 @@ from servers.config import ConfigError, load_banks
 from servers.supervisor import RESTART_HELP, Supervisor, add_restart_arguments, open_log, restart_policy
 
 HERE = Path(__file__).resolve().parent
+# Prometheus metrics ports: the gateway at the base, the banks from base + 10 (room for gateway replicas).
+# 9460–9479: clear of Prometheus itself (9090), its usual exporters (91xx) and this machine's other services.
+METRICS_BASE_PORT = 9460
+BANK_METRICS_OFFSET = 10
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--poll-interval", type=float, default=None, help="passed to the wallet")
     parser.add_argument("--servers-only", action="store_true", help="run the servers until Ctrl+C / SIGTERM")
     parser.add_argument("--startup-timeout", type=float, default=30.0)
+    parser.add_argument("--metrics-base-port", type=int, default=METRICS_BASE_PORT, metavar="PORT",
+                        help=f"Prometheus metrics: the gateway's at PORT, the banks' from PORT+{BANK_METRICS_OFFSET}"
+                             f" in name order (default {METRICS_BASE_PORT})")
+    parser.add_argument("--no-metrics", action="store_true", help="start the servers without metrics")
     add_restart_arguments(parser)
     return parser.parse_args(argv)
 
@@ -66,9 +77,10 @@ def _die_with_parent() -> None:
 
 
 class Server:
-    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
+    def __init__(self, name: str, args: list[str], log_path: Path, metrics_port: int | None = None) -> None:
         self.name = name
-        self.args = args
+        self.args = [*args, "--metrics-port", str(metrics_port)] if metrics_port else args
+        self.metrics_port = metrics_port
         self.log_path = log_path
         self.health_check: Callable[[], bool] | None = None  # set once its address and credentials are known
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,8 +136,28 @@ def wait_healthy(servers: list[tuple[Server, str]], credentials: grpc.ChannelCre
             time.sleep(0.1)
 
 
+def metrics_ports(args: argparse.Namespace, banks: list[str]) -> dict[str, int]:
+    """Each server's metrics port by its name ("gateway", "bank SBI"); empty with --no-metrics."""
+    if args.no_metrics:
+        return {}
+    base = args.metrics_base_port
+    ports = {"gateway": base}
+    for i, bank in enumerate(sorted(banks)):
+        ports[f"bank {bank}"] = base + BANK_METRICS_OFFSET + i
+    if not all(1 <= port <= 65535 for port in ports.values()):
+        raise RuntimeError(f"--metrics-base-port {args.metrics_base_port}: the servers' metrics ports would run"
+                           f" from {min(ports.values())} to {max(ports.values())}, outside 1–65535")
+    return ports
+
+
+def metrics_where(servers: list[Server]) -> str:
+    return "metrics: " + ", ".join(f"{s.name} http://localhost:{s.metrics_port}/metrics" for s in servers
+                                   if s.metrics_port)
+
+
 def start_servers(args: argparse.Namespace) -> list[Server]:
     banks = load_banks(args.config_dir)
+    metrics = metrics_ports(args, list(banks))
     if certs.ensure(args.certs_dir, sorted(banks)):
         print(f"created certificates in {args.certs_dir}")
     # Certificates that exist but that peers would refuse (made before names were pinned, or mixed from two
@@ -143,13 +175,13 @@ def start_servers(args: argparse.Namespace) -> list[Server]:
         for bank, address in sorted(banks.items()):
             port = address.rsplit(":", 1)[1]
             server = Server(f"bank {bank}", ["servers.bank_server", "--bank", bank, "--port", port, *common],
-                            logs / f"bank_{bank}.log")
+                            logs / f"bank_{bank}.log", metrics.get(f"bank {bank}"))
             started.append(server)
             to_check.append((server, f"localhost:{port}"))
         gateway_args = ["servers.gateway_server", "--port", str(args.gateway_port), *common]
         if args.txn_timeout is not None:
             gateway_args += ["--txn-timeout", str(args.txn_timeout)]
-        gateway = Server("gateway", gateway_args, logs / "gateway.log")
+        gateway = Server("gateway", gateway_args, logs / "gateway.log", metrics.get("gateway"))
         started.append(gateway)
         to_check.append((gateway, f"localhost:{args.gateway_port}"))
         # Banks demand a client certificate even for health checks: check as the gateway does.
@@ -215,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     # Never on the wallet's screen: with the wallet in the foreground, only in the file.
     log = open_log(args.data_dir / "logs" / "run_all.log", sys.stdout if args.servers_only else None)
     log.info("started %s", ", ".join(f"{s.name} (pid {s.proc.pid})" for s in servers))
+    if not args.no_metrics:
+        log.info("%s", metrics_where(servers))
     supervisor = Supervisor(servers, restart_policy(args), log, health_timeout=args.startup_timeout)
     supervisor.start()
     code = 0

@@ -48,7 +48,7 @@ def start_demo_servers(root: Path) -> tuple[list[run_all.Server], int]:
     gateway_port = free_port()
     args = run_all.parse_args(["--config-dir", str(config), "--certs-dir", str(root / "certificates"),
                                "--data-dir", str(root / "data"), "--gateway-port", str(gateway_port),
-                               "--servers-only"])
+                               "--servers-only", "--no-metrics"])
     return run_all.start_servers(args), gateway_port
 
 

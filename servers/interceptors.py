@@ -130,15 +130,17 @@ def _details(context: grpc.aio.ServicerContext) -> str:
 
 
 class LoggingInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
+    def __init__(self, on_call_end: Callable[[str, grpc.StatusCode, float], None] | None = None) -> None:
         self._cache = _Cached()
+        self._on_call_end = on_call_end  # (method, final status, seconds), e.g. metrics.ServerMetrics.call_ended
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method
         return self._cache.get(method, await continuation(handler_call_details), lambda h: self._wrap(method, h))
 
-    @staticmethod
-    def _wrap(method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        on_call_end = self._on_call_end
+
         def wrapper(inner: Behavior) -> Behavior:
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 notes: dict[str, Any] = {}
@@ -157,11 +159,13 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     _NOTES.reset(token)
+                    code, ended = code or context.code() or grpc.StatusCode.OK, time.perf_counter()
                     # Written on the next loop turn, once the response is on its way: the line costs the
                     # caller no latency. Everything it shows is taken now.
-                    asyncio.get_running_loop().call_soon(
-                        log_call, method, context.peer(), notes, code or context.code() or grpc.StatusCode.OK,
-                        _details(context), start, time.perf_counter())
+                    asyncio.get_running_loop().call_soon(log_call, method, context.peer(), notes, code,
+                                                         _details(context), start, ended)
+                    if on_call_end is not None:
+                        on_call_end(method, code, ended - start)
             return behavior
 
         return _wrap_unary(handler, wrapper)

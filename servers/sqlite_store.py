@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -152,8 +153,10 @@ class GroupCommitter:
     durable. Must be used from the event loop's thread.
     """
 
-    def __init__(self, store: SQLiteStore, max_batch: int = 256, *, commit_in_thread: bool = False) -> None:
+    def __init__(self, store: SQLiteStore, max_batch: int = 256, *, commit_in_thread: bool = False,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self._store = store
+        self._on_commit = on_commit  # told each COMMIT's duration in seconds (on the thread that committed)
         self._max_batch = max_batch
         self._pending: list[tuple[Callable[..., Any], tuple, asyncio.Future]] = []
         self._scheduled = False
@@ -253,12 +256,15 @@ class GroupCommitter:
 
     def _commit(self) -> None:
         """COMMIT the open transaction (the fsync) and let go of the write lock; on failure, roll back."""
+        started = time.perf_counter()
         try:
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
         self._store._write_lock.release()
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - started)
 
     def _rollback(self) -> None:
         try:

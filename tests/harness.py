@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -101,6 +102,19 @@ def free_port() -> int:
                 _HANDED_OUT.add(port)
                 return port
     raise RuntimeError(f"no free TCP port found in 500 tries (outside the ephemeral range: {candidates})")
+
+
+def free_port_base(offsets: list[int]) -> int:
+    """A port B such that B + each offset is free (and handed out): for a program that counts the ports of the
+    servers it starts from one base, as run_all does for metrics."""
+    for _ in range(200):
+        base = free_port()
+        others = [base + offset for offset in offsets if offset]
+        with _PORT_LOCK:
+            if all(port < 65536 and port not in _HANDED_OUT and _bindable(port) for port in others):
+                _HANDED_OUT.update(others)
+                return base
+    raise RuntimeError(f"no free ports at offsets {offsets} from one base in 200 tries")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
@@ -219,6 +233,9 @@ class Cluster:
     store: str = "sqlite"  # or a PostgreSQL URL: every gateway of the cluster runs on it (--store)
     # A process's own --certs-dir (e.g. its bundle), by process name ("SBI", "gateway"); others use certs_dir.
     process_certs: dict[str, Path] = field(default_factory=dict)
+    # Prometheus metrics on (--metrics-port), each process on a port of its own, by process name.
+    metrics: bool = False
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
     _channels: list[grpc.Channel] = field(default_factory=list)
 
@@ -235,7 +252,9 @@ class Cluster:
     # ---- processes -----------------------------------------------------------------------------------------
     def _common(self, name: str = "") -> list[str]:
         certs_dir = self.process_certs.get(name, self.certs_dir)
-        return ["--config-dir", str(self.config_dir), "--certs-dir", str(certs_dir), "--data-dir", str(self.data_dir)]
+        metrics = ["--metrics-port", str(self.metrics_ports.setdefault(name, free_port()))] if self.metrics else []
+        return ["--config-dir", str(self.config_dir), "--certs-dir", str(certs_dir), "--data-dir", str(self.data_dir),
+                *metrics]
 
     def bank_proc(self, bank: str) -> Proc:
         return Proc(bank, ["servers.bank_server", "--bank", bank, "--port", str(self.bank_ports[bank]),
@@ -350,6 +369,10 @@ class Cluster:
     def view(self) -> StoreView:
         return StoreView(self.store, self.data_dir)
 
+    def scrape(self, name: str) -> dict[str, float]:
+        """The metrics process `name` serves right now (see `scrape`)."""
+        return scrape(f"http://localhost:{self.metrics_ports[name]}/metrics")
+
     def unfinished_payments(self) -> int:
         return self.view.unfinished()
 
@@ -363,6 +386,19 @@ class Cluster:
 OPENING_TOTAL = sum(int(round(v * 100)) for accounts in OPENING.values() for v in accounts.values())
 # Every account → (balance, held) in paise, as Cluster.accounts() reports a cluster nobody has paid through.
 OPENING_ACCOUNTS = {a: (int(round(v * 100)), 0) for accounts in OPENING.values() for a, v in accounts.items()}
+
+
+def scrape(url: str) -> dict[str, float]:
+    """GET a Prometheus page over HTTP: every sample as `name{label="value",…}` (labels sorted) → value."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
 
 
 def certs_module_client_credentials(certs_dir: Path, name: str | None) -> grpc.ChannelCredentials:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import ceiling, run
+from bench import ceiling, metrics_cost, run
 from bench.starter import DEFAULT_STARTER
 from tests.harness import make_certs
 
@@ -51,6 +51,8 @@ def test_a_bad_starter_argument_is_refused_before_anything_runs(tmp_path: Path, 
     (run.main, ["--payments", "7"], "--payments must be at least 50"),
     (run.main, ["--repeat", "0"], "--repeat must be at least 1"),
     (ceiling.main, ["--payments", "0"], "--payments must be at least 1"),
+    (metrics_cost.main, ["--rounds", "0"], "--rounds must be ≥ 1"),
+    (metrics_cost.main, ["--seconds", "0"], "--seconds > 0"),
 ])
 def test_bad_counts_are_refused_before_anything_runs(main, argv, error, tmp_path: Path, capsys,  # type: ignore[no-untyped-def]
                                                      monkeypatch) -> None:

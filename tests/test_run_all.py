@@ -26,7 +26,8 @@ def test_run_all_servers_only_starts_everything_and_sigterm_stops_everything(tmp
     config, certs, data = tmp_path / "config", tmp_path / "certs", tmp_path / "data"
     write_config(config, {bank: f"localhost:{port}" for bank, port in ports.items()})
     proc = subprocess.Popen([sys.executable, "run_all.py", "--servers-only", "--config-dir", str(config),
-                             "--certs-dir", str(certs), "--data-dir", str(data), "--gateway-port", str(gateway_port)],
+                             "--certs-dir", str(certs), "--data-dir", str(data), "--gateway-port", str(gateway_port),
+                             "--no-metrics"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         banner = ""
@@ -77,7 +78,8 @@ def test_run_all_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
         write_config(config, {"SBI": f"localhost:{free_port()}", "HDFC": f"localhost:{squatter.getsockname()[1]}"})
         result = subprocess.run([sys.executable, "run_all.py", "--servers-only", "--config-dir", str(config),
                                  "--certs-dir", str(tmp_path / "certs"), "--data-dir", str(tmp_path / "data"),
-                                 "--gateway-port", str(free_port())], cwd=REPO, capture_output=True, text=True,
+                                 "--gateway-port", str(free_port()), "--no-metrics"], cwd=REPO,
+                                capture_output=True, text=True,
                                 timeout=60)
     assert result.returncode != 0
     assert "cannot start" in result.stderr and "port" in result.stderr
@@ -97,7 +99,8 @@ def test_run_all_runs_the_wallet_in_the_foreground_and_stops_the_servers_when_it
         os.chdir(REPO)
         os.environ.update(TERM="xterm-256color", COLUMNS="120", LINES="40")
         os.execv(sys.executable, [sys.executable, "run_all.py", "--config-dir", str(config), "--certs-dir",
-                                  str(tmp_path / "certs"), "--data-dir", str(data), "--gateway-port", str(free_port())])
+                                  str(tmp_path / "certs"), "--data-dir", str(data), "--gateway-port", str(free_port()),
+                                  "--no-metrics"])
     screen = b""
     try:
         def read_for(seconds: float) -> None:

@@ -33,7 +33,7 @@ class RunAll:
             self.proc = subprocess.Popen(
                 [sys.executable, "run_all.py", "--servers-only", "--config-dir", str(self.cluster.config_dir),
                  "--certs-dir", str(self.cluster.certs_dir), "--data-dir", str(self.data),
-                 "--gateway-port", str(self.cluster.gateway_port), *extra],
+                 "--gateway-port", str(self.cluster.gateway_port), "--no-metrics", *extra],
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         wait_until(lambda: self.proc.poll() is not None or "Strife is running" in self.output(), 60, 0.05,
                    "run_all to report every server healthy")

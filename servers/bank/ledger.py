@@ -9,6 +9,7 @@ Invariants, each enforced inside one SQLite transaction:
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ class Ledger:
                                sorted(opening_balances().items()))
             elif row[0] != bank:
                 raise ValueError(f"ledger {path} belongs to bank {row[0]}, not {bank}")
+        self._reader: sqlite3.Connection | None = None  # holds(): one connection for every thread that asks
+        self._reader_lock = threading.Lock()
 
     @property
     def store(self) -> SQLiteStore:
@@ -163,6 +166,18 @@ class Ledger:
             db.execute("UPDATE accounts SET held = held - ? WHERE account = ?", (amount, from_account))
         db.execute("UPDATE transactions SET state = 'aborted', updated_at = ? WHERE txn_id = ?", (now, txn_id))
         return Outcome(True, "aborted")
+
+    def holds(self) -> tuple[int, int]:
+        """(how many, paise): the debits prepared here and not yet committed or aborted. Callable from any
+        thread (metrics are scraped on threads of their own, one per scrape: a connection per thread would
+        leave one open per scrape). Reads the prepared rows only, through their partial index."""
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = self._store.new_connection()
+            count, paise = self._reader.execute(
+                "SELECT count(*), coalesce(sum(amount), 0) FROM transactions WHERE state = 'prepared'"
+                " AND debit_here = 1").fetchone()
+        return count, paise
 
     def balance(self, account: str) -> Balance | None:
         row = self._store.connection().execute("SELECT balance, held FROM accounts WHERE account = ?",

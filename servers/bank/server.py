@@ -1,7 +1,7 @@
 """A bank: a 2PC participant over mutual TLS, with its ledger in SQLite (CONTRACT §2, §6).
 
     python -m servers.bank_server --bank SBI --port 50051 [--config-dir config] [--certs-dir certificates]
-                                  [--data-dir data]
+                                  [--data-dir data] [--metrics-port PORT]
 
 Prepare, Commit and Abort are served as unary RPCs, as messages on an `Exchange` stream, and as frames of
 messages on the gateway's long-lived `ExchangeBatches` stream (what the gateway uses): a frame is applied in
@@ -25,7 +25,10 @@ from servers import grpc_engine, serving
 from servers.certs import GATEWAY_CN
 from servers.config import ConfigError, load_banks, load_opening_balances
 from servers.interceptors import LoggingInterceptor, Malformed, PeerCertInterceptor, log_call, note
+from servers.bank import metrics as bank_metrics
 from servers.bank.ledger import Ledger
+from servers.bank.metrics import BankMetrics, BankMetricsOff
+from servers.metrics import add_metrics_argument
 from servers.money import MAX_PAYMENT_PAISE, MoneyError, bank_of, paise_to_rupees, rupees_to_paise
 from servers.sqlite_store import GroupCommitter
 
@@ -40,6 +43,7 @@ class BankSettings:
     config_dir: Path
     certs_dir: Path
     data_dir: Path
+    metrics_port: int | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -53,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> BankSettings:
     parser.add_argument("--config-dir", type=Path, default=Path("config"))
     parser.add_argument("--certs-dir", type=Path, default=Path("certificates"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    add_metrics_argument(parser)
     args = parser.parse_args(argv)
-    return BankSettings(args.bank, args.port, args.config_dir, args.certs_dir, args.data_dir)
+    return BankSettings(args.bank, args.port, args.config_dir, args.certs_dir, args.data_dir, args.metrics_port)
 
 
 class Refused(Exception):
@@ -82,9 +87,10 @@ def _error_reply(message_id: int, code: grpc.StatusCode, error: str) -> payment_
 
 
 class BankServicer(payment_pb2_grpc.BankServicer):
-    def __init__(self, ledger: Ledger, committer: GroupCommitter) -> None:
+    def __init__(self, ledger: Ledger, committer: GroupCommitter, metrics: BankMetrics | None = None) -> None:
         self.ledger = ledger
         self.db = committer
+        self.metrics = metrics or BankMetricsOff()
         self._readers: set[asyncio.Task] = set()
         self._idle: set[asyncio.Task] = set()  # ExchangeBatches handlers waiting for their next frame
         self._stopping = False
@@ -98,9 +104,13 @@ class BankServicer(payment_pb2_grpc.BankServicer):
     # ---- the three 2PC operations, shared by the unary methods and the stream ------------------------------
     def _operation(self, kind: str, body: object) -> tuple[Callable[..., object], tuple]:
         """The ledger operation for one validated message (raises Refused for a malformed one)."""
-        if kind == "prepare":
-            return self.ledger.prepare_in, _prepare_args(body)
-        txn_id = _check_txn_id(body.transaction_id)
+        try:
+            if kind == "prepare":
+                return self.ledger.prepare_in, _prepare_args(body)
+            txn_id = _check_txn_id(body.transaction_id)
+        except Refused:
+            self.metrics.failed(kind)  # every path validates here: a malformed message is counted once
+            raise
         return (self.ledger.commit_in if kind == "commit" else self.ledger.abort_in), (txn_id,)
 
     def _start(self, kind: str, body: object) -> "asyncio.Future":
@@ -108,8 +118,9 @@ class BankServicer(payment_pb2_grpc.BankServicer):
         operation, args = self._operation(kind, body)
         return self.db.submit(operation, *args)
 
-    @staticmethod
-    def _to_message(kind: str, result: object) -> payment_pb2.Vote | payment_pb2.Ack:
+    def _to_message(self, kind: str, result: object) -> payment_pb2.Vote | payment_pb2.Ack:
+        """The answer to one applied operation, on every path (unary, Exchange, frames): counted here."""
+        self.metrics.answered(kind, result)
         if kind == "prepare":
             return payment_pb2.Vote(vote=result.yes, reason=result.reason)
         return payment_pb2.Ack(success=result.ok, message=result.message)
@@ -161,6 +172,7 @@ class BankServicer(payment_pb2_grpc.BankServicer):
             try:
                 result = await future
             except Exception as exc:  # noqa: BLE001 - the ledger failed: tell the gateway, keep the stream
+                self.metrics.failed(kind)
                 log_call(f"/Bank/{kind.capitalize()}", peer, notes, grpc.StatusCode.INTERNAL, str(exc), started)
                 replies.put_nowait(_error_reply(message.id, grpc.StatusCode.INTERNAL, f"ledger error: {exc}"))
                 return
@@ -260,6 +272,7 @@ class BankServicer(payment_pb2_grpc.BankServicer):
             outcomes = [(None, exc)] * len(operations)
         for (message, kind, notes), (result, error) in zip(taken, outcomes):
             if error is not None:
+                self.metrics.failed(kind)
                 replies.append(_error_reply(message.id, grpc.StatusCode.INTERNAL, f"ledger error: {error}"))
                 lines.append((kind, notes, grpc.StatusCode.INTERNAL, str(error)))
                 continue
@@ -288,12 +301,13 @@ async def serve(settings: BankSettings) -> None:
     credentials = serving.server_credentials(settings.certs_dir, settings.bank, require_client_auth=True)
     ledger = Ledger(settings.ledger_path, settings.bank,
                     lambda: load_opening_balances(settings.config_dir, settings.bank))
-    committer = GroupCommitter(ledger.store)
+    metrics = bank_metrics.start(settings.metrics_port, ledger)
+    committer = GroupCommitter(ledger.store, on_commit=metrics.committed)
     # The gateway's link pings every couple of seconds (serving.CHANNEL_OPTIONS): allow it, or the bank
     # would drop the link with GOAWAY "too_many_pings" whenever it has been quiet for a while.
-    server = serving.make_server([LoggingInterceptor(), PeerCertInterceptor({GATEWAY_CN})],
+    server = serving.make_server([LoggingInterceptor(metrics.call_ended), PeerCertInterceptor({GATEWAY_CN})],
                                  serving.KEEPALIVE_SERVER_OPTIONS)
-    servicer = BankServicer(ledger, committer)
+    servicer = BankServicer(ledger, committer, metrics)
     payment_pb2_grpc.add_BankServicer_to_server(servicer, server)
     health = await serving.add_health(server)
     serving.bind(server, settings.port, credentials)
@@ -302,6 +316,7 @@ async def serve(settings: BankSettings) -> None:
     log.info("bank %s listening on port %d, ledger %s", settings.bank, settings.port, settings.ledger_path)
 
     async def on_stop() -> None:
+        metrics.close()
         committer.close()
         ledger.close()
 

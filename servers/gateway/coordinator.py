@@ -29,6 +29,7 @@ from servers import serving
 from servers.certs import GATEWAY_CN
 from servers.faults import crash_point
 from servers.gateway.banklink import BankCallError, BankLink
+from servers.gateway.metrics import GatewayMetrics, GatewayMetricsOff
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.interface import GatewayStore
 from servers.gateway.store.records import Payment, Point
@@ -91,8 +92,10 @@ def describe_error(bank: str, exc: Exception, timeout: float) -> str:
 
 
 class Coordinator:
-    def __init__(self, store: GatewayStore, banks: Banks, txn_timeout: float, stop: asyncio.Event) -> None:
+    def __init__(self, store: GatewayStore, banks: Banks, txn_timeout: float, stop: asyncio.Event,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics or GatewayMetricsOff()
         self.banks = banks
         self.txn_timeout = txn_timeout
         self._stop = stop
@@ -114,6 +117,7 @@ class Coordinator:
         `refusal`: why today's configuration would not accept this payment (a resumed one: its dead owner
         accepted it under another configuration, e.g. with a bank since removed). It is then decided as failed
         without asking any bank (a vote it may have cast is released by the Abort that follows)."""
+        started = time.perf_counter()
         try:
             crash_point("after_claim")
             if refusal is not None:
@@ -129,6 +133,7 @@ class Coordinator:
             # continues it instead of finding it "in flight" for as long as this process lives.
             _in_background(self.store.release(payment), f"releasing payment {payment.txn_id}")
             raise
+        self.metrics.decided(decision.status)
         crash_point("after_decide")
         decided = Point.COMMIT_DECIDED if decision.commit else Point.ABORT_DECIDED
         patience = self.txn_timeout if decision.commit else min(0.5, self.txn_timeout / 4)
@@ -146,6 +151,7 @@ class Coordinator:
         else:
             done = _in_background(self.store.release(payment), f"releasing payment {payment.txn_id}")
         done.add_done_callback(lambda _: self._delivering.discard(payment.id))
+        self.metrics.replied(started)
         return response
 
     async def _prepare(self, payment: Payment) -> Decision:
@@ -229,14 +235,16 @@ class Coordinator:
             return 0
         taken = await self.store.take_over_abandoned(100)
         taken_ids = {p.id for p in taken}
+        work = taken + [p for p in await self._own_stuck() if p.id not in taken_ids]
         done = 0
-        for payment in taken + [p for p in await self._own_stuck() if p.id not in taken_ids]:
+        for payment in work:
             if self._stop.is_set():
                 break
             try:
                 done += await self._complete(payment)
             except Exception:  # noqa: BLE001 - one bad payment must not stop the others
                 log.exception("completing payment %s failed; will retry", payment.txn_id)
+        self.metrics.completer_pass(left=len(work) - done)
         return done
 
     async def _own_stuck(self) -> list[Payment]:
@@ -260,6 +268,7 @@ class Coordinator:
         decision = Decision(False, FAILED, "interrupted before completion (the gateway restarted); no money moved")
         await self.store.decide(payment, False, decision.status, decision.message,
                                 self.response_for(payment, decision).SerializeToString())
+        self.metrics.decided(decision.status)
         log.info("aborted undecided payment %s left by a dead gateway", payment.txn_id)
 
     async def _complete(self, payment: Payment) -> int:

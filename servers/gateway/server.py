@@ -4,6 +4,7 @@
         [--data-dir data] [--store sqlite|postgresql://USER@HOST/DB] [--txn-timeout 5]
         [--idempotency-ttl 604800] [--token-ttl 28800] [--max-payment 10000000]
         [--login-failures-per-user 10] [--login-failures-per-peer 100] [--login-window 60] [--login-concurrency 2]
+        [--metrics-port PORT]
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2
 from protofiles import payment_pb2_grpc
 from servers import grpc_engine, serving
 from servers.config import ConfigError, load_banks, load_users
+from servers.gateway import metrics as gateway_metrics
 from servers.gateway.coordinator import Banks, Coordinator
 from servers.gateway.login_guard import LoginLimits
 from servers.gateway.servicer import GatewayServicer
@@ -29,6 +31,7 @@ from servers.gateway.store.spec import SQLITE, check_spec, open_store
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.interface import GatewayStore
 from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, StatusFor
+from servers.metrics import add_metrics_argument
 from servers.money import MAX_PAYMENT_PAISE, format_paise, rupees_to_paise
 
 log = logging.getLogger("strife.gateway")
@@ -47,6 +50,7 @@ class GatewaySettings:
     max_payment: int = MAX_PAYMENT_PAISE  # paise
     login: LoginLimits = LoginLimits()
     store: str = SQLITE  # or a PostgreSQL URL (CONTRACT §9)
+    metrics_port: int | None = None
 
 
 def _positive(value: str) -> float:
@@ -102,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
     parser.add_argument("--login-window", type=_positive, default=limits.window, help="login-limit window (s)")
     parser.add_argument("--login-concurrency", type=_count, default=limits.concurrency,
                         help="password checks (scrypt) run at once; further logins wait")
+    add_metrics_argument(parser)
     a = parser.parse_args(argv)
     login = LoginLimits(a.login_failures_per_user, a.login_failures_per_peer, a.login_window, a.login_concurrency)
     store = a.store
@@ -111,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
         except ValueError as exc:
             parser.error(f"STRIFE_STORE: {exc}")
     return GatewaySettings(a.port, a.config_dir, a.certs_dir, a.data_dir, a.txn_timeout, a.idempotency_ttl,
-                           a.token_ttl, a.completer_interval, a.max_payment, login, store)
+                           a.token_ttl, a.completer_interval, a.max_payment, login, store,
+                           a.metrics_port)
 
 
 async def _completer_loop(coordinator: Coordinator, store: GatewayStore, settings: GatewaySettings,
@@ -145,8 +151,9 @@ async def serve(settings: GatewaySettings) -> None:
     store = open_store(settings.store, settings.data_dir)
     await store.start()  # StoreUnavailable: one line naming the store (password masked), exit 2
     banks = Banks(bank_addresses, settings.certs_dir)
+    metrics = gateway_metrics.start(settings.metrics_port, banks.links)
     stop = asyncio.Event()
-    coordinator = Coordinator(store, banks, settings.txn_timeout, stop)
+    coordinator = Coordinator(store, banks, settings.txn_timeout, stop, metrics)
     servicer = GatewayServicer(users, banks, coordinator, settings.token_ttl, settings.max_payment, settings.login)
 
     open_methods = {"/PaymentGateway/Login", "/PaymentGateway/Logout",  # Logout checks its token itself
@@ -154,7 +161,7 @@ async def serve(settings: GatewaySettings) -> None:
     # A store that cannot be reached is the caller's UNAVAILABLE (retry, maybe on another replica), never
     # UNKNOWN; nothing was half-done (every write commits whole or not at all).
     unavailable = StatusFor({StoreUnavailable: grpc.StatusCode.UNAVAILABLE})
-    server = serving.make_server([LoggingInterceptor(), unavailable,
+    server = serving.make_server([LoggingInterceptor(metrics.call_ended), unavailable,
                                   BearerAuthInterceptor(servicer.resolve_token, open_methods)])
     payment_pb2_grpc.add_PaymentGatewayServicer_to_server(servicer, server)
     health = await serving.add_health(server)
@@ -177,6 +184,7 @@ async def serve(settings: GatewaySettings) -> None:
             await asyncio.wait(set(servicer.running), timeout=settings.txn_timeout + 2)
         stop.set()
         await asyncio.wait({completer}, timeout=5)
+        metrics.close()
         await banks.close()
         await store.close()
 

@@ -34,6 +34,7 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         self.token_ttl = token_ttl
         self.max_payment = max_payment
         self.login_guard = LoginGuard(login_limits)
+        self.metrics = coordinator.metrics
         self.running: set[asyncio.Task] = set()  # payments being executed, shielded from their callers
 
     async def resolve_token(self, token: str) -> str | None:
@@ -78,6 +79,7 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
 
     async def _replay(self, payment: Payment, context: grpc.aio.ServicerContext) -> payment_pb2.PaymentResponse:
         note(retry_kind="replay", txn=payment.txn_id)
+        self.metrics.replayed()
         response = payment_pb2.PaymentResponse.FromString(payment.response)
         response.replayed = True
         await context.send_initial_metadata((("idempotent-replayed", "true"),))
@@ -121,6 +123,7 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
                                 " amount); use a new key for a new payment")
         if claim.kind is ClaimKind.IN_FLIGHT:
             note(retry_kind="in_progress", txn=claim.payment.txn_id)
+            self.metrics.refused_in_flight()
             await context.abort(grpc.StatusCode.ABORTED,
                                 "a payment with this idempotency key is still being processed; retry shortly")
         payment = claim.payment
