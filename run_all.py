@@ -2,6 +2,10 @@
 
     python run_all.py                  # servers in the background, the wallet in the foreground
     python run_all.py --servers-only   # servers only, until Ctrl+C / SIGTERM
+    python run_all.py --gateways 3 --store postgresql://postgres@127.0.0.1/strife   # three gateway replicas
+
+With `--gateways N` (CONTRACT §9), N gateway replicas share one PostgreSQL store and listen on consecutive
+ports from --gateway-port; the wallet is given all of them.
 
 Every server serves Prometheus metrics: the gateway at http://localhost:9460/metrics, the banks from port 9470
 up in name order (`--metrics-base-port`, `--no-metrics`); where they are is printed with --servers-only and
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -29,6 +34,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from servers import certs
 from servers.config import ConfigError, load_banks
+from servers.gateway.store.spec import SQLITE, check_spec
+from servers.gateway.store.url import mask_url
 from servers.supervisor import RESTART_HELP, Supervisor, add_restart_arguments, open_log, restart_policy
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 # 9460–9479: clear of Prometheus itself (9090), its usual exporters (91xx) and this machine's other services.
 METRICS_BASE_PORT = 9460
 BANK_METRICS_OFFSET = 10
+MAX_REPLICAS = BANK_METRICS_OFFSET  # one metrics port each below the banks'
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config-dir", type=Path, default=Path("config"))
     parser.add_argument("--certs-dir", type=Path, default=Path("certificates"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--gateway-port", type=int, default=50053)
+    parser.add_argument("--gateway-port", type=int, default=50053,
+                        help="the gateway's port; replicas take the ports after it (default 50053)")
+    parser.add_argument("--gateways", type=_replicas, default=1, metavar="N",
+                        help="gateway replicas to start on consecutive ports (default 1; N > 1 needs a"
+                             " PostgreSQL --store)")
+    parser.add_argument("--store", type=_store, default=None, metavar="sqlite|postgresql://USER@HOST[:PORT]/DB",
+                        help="the gateway's store (default $STRIFE_STORE, else sqlite: a file in --data-dir)")
     parser.add_argument("--txn-timeout", type=float, default=None, help="passed to the gateway")
     parser.add_argument("--poll-interval", type=float, default=None, help="passed to the wallet")
     parser.add_argument("--servers-only", action="store_true", help="run the servers until Ctrl+C / SIGTERM")
@@ -54,7 +68,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f" in name order (default {METRICS_BASE_PORT})")
     parser.add_argument("--no-metrics", action="store_true", help="start the servers without metrics")
     add_restart_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.store is None:
+        try:
+            args.store = check_spec(os.environ.get("STRIFE_STORE") or SQLITE)
+        except ValueError as exc:
+            parser.error(f"STRIFE_STORE: {exc}")
+    if args.gateways > 1 and args.store == SQLITE:
+        parser.error(f"--gateways {args.gateways}: replicas share a PostgreSQL store; add --store"
+                     " postgresql://USER@HOST[:PORT]/DB (see docs/operations.md)")
+    if not 1 <= args.gateway_port <= 65536 - args.gateways:
+        parser.error(f"--gateway-port {args.gateway_port} with --gateways {args.gateways}: ports out of range")
+    return args
+
+
+def _replicas(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_REPLICAS}, not {value!r}")
+    return number
+
+
+def _store(value: str) -> str:
+    try:
+        return check_spec(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def gateway_ports(args: argparse.Namespace) -> list[int]:
+    return [args.gateway_port + i for i in range(args.gateways)]
+
+
+def gateway_name(i: int) -> str:
+    return "gateway" if i == 0 else f"gateway {i + 1}"
 
 
 def _find_prctl() -> Callable[..., int] | None:
@@ -141,7 +191,7 @@ def metrics_ports(args: argparse.Namespace, banks: list[str]) -> dict[str, int]:
     if args.no_metrics:
         return {}
     base = args.metrics_base_port
-    ports = {"gateway": base}
+    ports = {gateway_name(i): base + i for i in range(args.gateways)}
     for i, bank in enumerate(sorted(banks)):
         ports[f"bank {bank}"] = base + BANK_METRICS_OFFSET + i
     if not all(1 <= port <= 65535 for port in ports.values()):
@@ -178,12 +228,17 @@ def start_servers(args: argparse.Namespace) -> list[Server]:
                             logs / f"bank_{bank}.log", metrics.get(f"bank {bank}"))
             started.append(server)
             to_check.append((server, f"localhost:{port}"))
-        gateway_args = ["servers.gateway_server", "--port", str(args.gateway_port), *common]
+        options = ["--store", args.store] if args.store != SQLITE else []
         if args.txn_timeout is not None:
-            gateway_args += ["--txn-timeout", str(args.txn_timeout)]
-        gateway = Server("gateway", gateway_args, logs / "gateway.log", metrics.get("gateway"))
-        started.append(gateway)
-        to_check.append((gateway, f"localhost:{args.gateway_port}"))
+            options += ["--txn-timeout", str(args.txn_timeout)]
+        # Replicas start at once: on an empty database the first to take the migration lock creates the
+        # schema and the others wait for it (CONTRACT §9).
+        for i, port in enumerate(gateway_ports(args)):
+            name = gateway_name(i)
+            gateway = Server(name, ["servers.gateway_server", "--port", str(port), *options, *common],
+                             logs / f"{name.replace(' ', '_')}.log", metrics.get(name))
+            started.append(gateway)
+            to_check.append((gateway, f"localhost:{port}"))
         # Banks demand a client certificate even for health checks: check as the gateway does.
         credentials = grpc.ssl_channel_credentials(
             (args.certs_dir / "ca.crt").read_bytes(), (args.certs_dir / "gateway.key").read_bytes(),
@@ -201,6 +256,15 @@ def start_servers(args: argparse.Namespace) -> list[Server]:
     return started
 
 
+def gateways_where(args: argparse.Namespace) -> str:
+    ports = gateway_ports(args)
+    if args.gateways == 1:
+        where = f"the gateway on localhost:{ports[0]}"
+    else:
+        where = f"{args.gateways} gateway replicas on localhost:{ports[0]}–{ports[-1]}"
+    return where + ("" if args.store == SQLITE else f", store {mask_url(args.store)}")
+
+
 def stop_all(servers: list[Server]) -> None:
     for server in reversed(servers):  # the gateway first, so no payment starts against a stopping bank
         server.stop()
@@ -215,7 +279,7 @@ def wait_for_signal() -> None:
 
 
 def run_wallet(args: argparse.Namespace) -> int:
-    command = [sys.executable, "-m", "wallet_tui", "--gateway", f"localhost:{args.gateway_port}",
+    command = [sys.executable, "-m", "wallet_tui", "--gateway", ",".join(f"localhost:{p}" for p in gateway_ports(args)),
                "--certs-dir", str(args.certs_dir), "--data-dir", str(args.data_dir)]
     if args.poll_interval is not None:
         command += ["--poll-interval", str(args.poll_interval)]
@@ -254,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         if args.servers_only:
-            print(f"Strife is running: {len(servers) - 1} banks and the gateway on localhost:{args.gateway_port}"
+            print(f"Strife is running: {len(servers) - args.gateways} banks and {gateways_where(args)}"
                   f" (logs in {args.data_dir / 'logs'}). Ctrl+C stops everything.", flush=True)
             wait_for_signal()
         else:
