@@ -98,12 +98,17 @@ async def serve_gateway(certs: Path, port: int, data: Path, sync: bool, bank_por
         await stream.write(body)
         return await stream.read()
 
-    async def pay(request: bytes, context) -> bytes:  # type: ignore[no-untyped-def]
+    async def work(request: bytes) -> bytes:
         journal.write(request)  # the key, before any bank
         await asyncio.gather(*(round_trip(s, b"prepare" + request) for s in streams))
         journal.write(b"decided")  # the decision, before any Commit
         await asyncio.gather(*(round_trip(s, b"commit" + request) for s in streams))
         return b"ok"
+
+    async def pay(request: bytes, context) -> bytes:  # type: ignore[no-untyped-def]
+        # Shielded, as Strife's payments are: a caller that gives up (a warm-up call's 1 s deadline on a busy
+        # machine) must not cut a payment between its banks, leaving one stream a reply behind the other.
+        return await asyncio.shield(work(request))
 
     await _serve(_service(PAY, grpc.unary_unary_rpc_method_handler(pay)), port,
                  serving.server_credentials(certs, "gateway", require_client_auth=False))

@@ -1,4 +1,4 @@
-"""A bank's two-phase-commit rules (CONTRACT §6): first as unit tests of `servers.ledger.Ledger` on a temp
+"""A bank's two-phase-commit rules (CONTRACT §6): first as unit tests of `servers.bank.ledger.Ledger` on a temp
 SQLite file, then through a real bank process over mutual TLS (`cluster.bank_stub`)."""
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def txn_state(path: Path, txn_id: str) -> str | None:
     return None if row is None else row[0]
 
 
-# ---- unit: servers.ledger.Ledger -----------------------------------------------------------------------------
+# ---- unit: servers.bank.ledger.Ledger -----------------------------------------------------------------------------
 def test_prepare_is_idempotent_and_holds_the_amount_once(make_ledger: Callable[..., Ledger]) -> None:
     ledger = make_ledger()
     t = txn()

@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis): random sequences of operations against the two durable owners of
 exactly-once, each checked step by step against a small in-memory model.
 
-- The bank participant (`servers.ledger.Ledger`): any sequence of Prepare/Commit/Abort over a few transaction
+- The bank participant (`servers.bank.ledger.Ledger`): any sequence of Prepare/Commit/Abort over a few transaction
   ids, with duplicates, reorderings, both banks' accounts, and restarts (close + reopen of the SQLite file)
   between steps. The model predicts every vote, ack and balance; invariants are read straight from disk.
 - The gateway's key table (`servers.gateway.store.sqlite_payments.PaymentStore`): two gateway "processes" sharing one SQLite
