@@ -204,6 +204,21 @@ def health_ok(address: str, credentials: grpc.ChannelCredentials, timeout: float
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def run_all_servers(*args: str) -> tuple[subprocess.Popen, str]:
+    """`run_all.py --servers-only ARGS` as a real process, once it says every server answers its health check:
+    (the process, what it printed until then). Fails the test if it exits first."""
+    proc = subprocess.Popen([sys.executable, "run_all.py", "--servers-only", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = ""
+    while "Strife is running" not in banner:  # readline blocks until run_all reports every server healthy
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(10)
+            raise AssertionError(f"run_all exited early ({proc.returncode}): {banner}")
+        banner += line
+    return proc, banner
+
+
 def server_processes(text: str) -> dict[int, str]:
     """Every live Strife server process whose command line mentions `text` (e.g. a test's data dir): pid →
     command line. Finds servers a test did not start itself (run_all's); a zombie has no command line."""

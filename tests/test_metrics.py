@@ -20,7 +20,7 @@ from protofiles import payment_pb2 as pb
 from servers.bank.metrics import BankMetrics, BankMetricsOff
 from servers.gateway.metrics import GatewayMetrics, GatewayMetricsOff
 from tests.harness import (OPENING, OPENING_ACCOUNTS, OPENING_TOTAL, REPO, Cluster, free_port, free_port_base,
-                           scrape, server_processes, wait_until, write_config)
+                           run_all_servers, scrape, server_processes, wait_until, write_config)
 from tests.test_crash_recovery import (assert_conserved, start_with_gateway_crash_at, wait_killed_itself,
                                        wait_settled)
 
@@ -211,16 +211,9 @@ def test_run_all_serves_metrics_at_its_ports_and_says_where(tmp_path: Path) -> N
     base = free_port_base([0, 10, 11])  # the gateway at the base, the banks (HDFC, SBI) from base + 10
     config, data = tmp_path / "config", tmp_path / "data"
     write_config(config, {bank: f"localhost:{free_port()}" for bank in OPENING})
-    proc = subprocess.Popen([sys.executable, "run_all.py", "--servers-only", "--config-dir", str(config),
-                             "--certs-dir", str(tmp_path / "certs"), "--data-dir", str(data), "--gateway-port",
-                             str(free_port()), "--metrics-base-port", str(base)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, banner = run_all_servers("--config-dir", str(config), "--certs-dir", str(tmp_path / "certs"), "--data-dir",
+                                   str(data), "--gateway-port", str(free_port()), "--metrics-base-port", str(base))
     try:
-        banner = ""
-        while "Strife is running" not in banner:  # readline blocks until run_all reports every server healthy
-            line = proc.stdout.readline()
-            assert line, f"run_all exited early: {banner}"
-            banner += line
         said = dict(re.findall(r"(gateway|bank \w+) (http://localhost:\d+/metrics)", banner))
         assert said == {"gateway": f"http://localhost:{base}/metrics",
                         "bank HDFC": f"http://localhost:{base + 10}/metrics",

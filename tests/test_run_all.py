@@ -13,7 +13,7 @@ import grpc
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import (OPENING, PASSWORDS, REPO, certs_module_client_credentials, free_port, health_ok,
-                           server_processes, wait_until, write_config)
+                           run_all_servers, server_processes, wait_until, write_config)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -25,16 +25,9 @@ def test_run_all_servers_only_starts_everything_and_sigterm_stops_everything(tmp
     gateway_port = free_port()
     config, certs, data = tmp_path / "config", tmp_path / "certs", tmp_path / "data"
     write_config(config, {bank: f"localhost:{port}" for bank, port in ports.items()})
-    proc = subprocess.Popen([sys.executable, "run_all.py", "--servers-only", "--config-dir", str(config),
-                             "--certs-dir", str(certs), "--data-dir", str(data), "--gateway-port", str(gateway_port),
-                             "--no-metrics"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, banner = run_all_servers("--config-dir", str(config), "--certs-dir", str(certs), "--data-dir", str(data),
+                                   "--gateway-port", str(gateway_port), "--no-metrics")
     try:
-        banner = ""
-        while "Strife is running" not in banner:  # readline blocks until run_all reports every server healthy
-            line = proc.stdout.readline()
-            assert line, f"run_all exited early: {banner}"
-            banner += line
         assert "created certificates" in banner
         assert {p.name for p in certs.iterdir()} >= {"ca.crt", "gateway.crt", "gateway.key", "SBI.crt", "HDFC.key"}
         mtls = certs_module_client_credentials(certs, "gateway")

@@ -14,7 +14,7 @@ import grpc
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import (OPENING, OPENING_TOTAL, PASSWORDS, REPO, _bindable, free_port, health_ok,
-                           server_processes, write_config)
+                           run_all_servers, server_processes, write_config)
 from tests.store_view import StoreView
 
 
@@ -26,25 +26,19 @@ def _consecutive_free_ports(n: int) -> int:
     raise AssertionError(f"no {n} consecutive free ports")
 
 
-def _run_all(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
+def _dirs(tmp_path: Path) -> list[str]:
     config, certs, data = tmp_path / "config", tmp_path / "certs", tmp_path / "data"
     write_config(config, {bank: f"localhost:{free_port()}" for bank in OPENING})
-    proc = subprocess.Popen([sys.executable, "run_all.py", "--servers-only", "--config-dir", str(config),
-                             "--certs-dir", str(certs), "--data-dir", str(data), "--no-metrics", *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return proc, certs, data
+    return ["--config-dir", str(config), "--certs-dir", str(certs), "--data-dir", str(data), "--no-metrics"]
 
 
 def test_run_all_starts_replicas_on_one_postgresql_store_and_a_key_is_one_key_across_them(
         tmp_path: Path, postgres_url: str) -> None:
     first = _consecutive_free_ports(2)
-    proc, certs, data = _run_all(tmp_path, "--gateways", "2", "--store", postgres_url, "--gateway-port", str(first))
+    certs, data = tmp_path / "certs", tmp_path / "data"
+    proc, banner = run_all_servers(*_dirs(tmp_path), "--gateways", "2", "--store", postgres_url, "--gateway-port",
+                                   str(first))
     try:
-        banner = ""
-        while "Strife is running" not in banner:  # readline blocks until every server answers its health check
-            line = proc.stdout.readline()
-            assert line, f"run_all exited early: {banner}"
-            banner += line
         assert f"2 gateway replicas on localhost:{first}–{first + 1}" in banner, banner
         assert {p.name for p in (data / "logs").iterdir()} >= {"gateway.log", "gateway_2.log"}
         assert len(server_processes(str(data))) == 4  # two banks, two replicas
@@ -81,8 +75,8 @@ def test_run_all_starts_replicas_on_one_postgresql_store_and_a_key_is_one_key_ac
 
 
 def test_replicas_without_a_postgresql_store_are_refused_before_anything_starts(tmp_path: Path) -> None:
-    proc, certs, data = _run_all(tmp_path, "--gateways", "2")
-    out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 2
-    assert "replicas share a PostgreSQL store; add --store" in out, out
-    assert not certs.exists() and not data.exists()
+    refused = subprocess.run([sys.executable, "run_all.py", "--servers-only", *_dirs(tmp_path), "--gateways", "2"],
+                             cwd=REPO, capture_output=True, text=True, timeout=20)
+    assert refused.returncode == 2
+    assert "replicas share a PostgreSQL store; add --store" in refused.stderr, refused.stderr
+    assert not (tmp_path / "certs").exists() and not (tmp_path / "data").exists()
