@@ -28,8 +28,10 @@ FENCE = re.compile(r"^\s*(```|~~~)\s*([\w-]*)")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 CONSOLE_SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
 PROGRAMS = {"python", "python3", "pip", "pytest", *CONSOLE_SCRIPTS}
-# Ordinary tools a document may use around Strife's own programs (backing up data/, making a hash).
-SHELL_TOOLS = {"echo", "cp", "rm", "mv", "mkdir", "cd", "ls", "cat", "tail", "kill"}
+# Ordinary tools a document may use around Strife's own programs (backing up data/, making a hash, finding a
+# process to kill, reading metrics) and PostgreSQL's client programs (making, dumping and emptying a store).
+SHELL_TOOLS = {"echo", "cp", "rm", "mv", "mkdir", "cd", "ls", "cat", "tail", "kill", "pgrep", "curl",
+               "createdb", "dropdb", "pg_dump", "psql"}
 LONG_FLAG = re.compile(r"--[A-Za-z0-9][\w-]*")
 
 
