@@ -99,7 +99,7 @@ def test_a_replica_whose_store_session_is_killed_stops_until_it_has_a_new_one_an
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as refused:  # its pool still works: it refuses, it does not hang
             alice.pay(key(), "SBI-1001", "HDFC-2001", 1, timeout=5)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 2
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 3
         assert "lost its store session" in refused.value.details()
         # The survivor's completer takes the payment over (epoch 2), decides ABORT — it cannot know the votes —
         # and tells both banks.
