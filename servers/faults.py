@@ -1,5 +1,6 @@
 """Crash points for tests: `STRIFE_CRASH_AT=<point>` makes the process SIGKILL itself when it reaches it, and
-`STRIFE_DELAY_AT=<point>:<seconds>` makes it wait there (e.g. for a caller's deadline to pass).
+`STRIFE_DELAY_AT=<point>:<seconds>` makes it wait there (e.g. for a caller's deadline to pass, or for another
+replica to take a payment over before this one decides it).
 
 This is how the crash tests stop a real gateway exactly at a recovery point (after the key is claimed, after
 the votes are in, after the decision is stored, after the banks acknowledged) instead of hoping a random

@@ -14,10 +14,11 @@ def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def gateway_store() -> str:
+def gateway_store(request: pytest.FixtureRequest) -> str:
     """The store the clusters' gateways run on: SQLite, unless a module runs on both stores
-    (`gateway_store = on_both_stores`, tests/pg_support.py)."""
-    return "sqlite"
+    (`gateway_store = on_both_stores`, tests/pg_support.py) or a test does (`@BOTH_STORES`, the same file)."""
+    store = getattr(request, "param", "sqlite")
+    return "sqlite" if store == "sqlite" else request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

@@ -245,6 +245,7 @@ class Cluster:
     bank_ports: dict[str, int] = field(default_factory=dict)
     bank_addresses: dict[str, str] = field(default_factory=dict)  # what the gateway dials (maybe a proxy)
     gateway_port: int = 0
+    gateway_ports: dict[str, int] = field(default_factory=dict)  # every gateway process's port, by name
     store: str = "sqlite"  # or a PostgreSQL URL: every gateway of the cluster runs on it (--store)
     # A process's own --certs-dir (e.g. its bundle), by process name ("SBI", "gateway"); others use certs_dir.
     process_certs: dict[str, Path] = field(default_factory=dict)
@@ -277,6 +278,7 @@ class Cluster:
 
     def gateway_proc(self, port: int | None = None, name: str = "gateway") -> Proc:
         store = [] if self.store == "sqlite" else ["--store", self.store]
+        self.gateway_ports[name] = port or self.gateway_port
         return Proc(name, ["servers.gateway_server", "--port", str(port or self.gateway_port),
                            "--txn-timeout", str(self.txn_timeout), "--completer-interval", "0.2", *store,
                            *self.gateway_args, *self._common(name)], self.root / f"{name}.log")
@@ -338,6 +340,10 @@ class Cluster:
         self._channels.append(channel)
         return channel
 
+    def gateway_address(self, name: str = "gateway") -> str:
+        """Where gateway process `name` (the cluster's own, or a replica started with gateway_proc) listens."""
+        return f"localhost:{self.gateway_ports.get(name, self.gateway_port)}"
+
     def client(self, user: str = "alice", address: str | None = None) -> "Client":
         stub = pbg.PaymentGatewayStub(self.channel(address))
         token = stub.Login(pb.LoginRequest(username=user, password=PASSWORDS[user]), timeout=10).token
@@ -392,10 +398,11 @@ class Cluster:
         return self.view.unfinished()
 
     def owner_of(self, name: str = "gateway") -> str:
-        """The owner id a gateway process logged at start (the latest, if it took a new one since)."""
-        ids = re.findall(r"\(owner (\S+), store", self.procs[name].log())
+        """The owner id a gateway process logged at start (the latest, if it took a new one since: a replica
+        whose PostgreSQL session was lost logs "this replica is now owner N (was M)" once it is back)."""
+        ids = re.findall(r"\(owner (\S+), store|is now owner (\d+) \(was", self.procs[name].log())
         assert ids, f"{name} logged no owner id"
-        return ids[-1]
+        return next(i for i in ids[-1] if i)
 
 
 OPENING_TOTAL = sum(int(round(v * 100)) for accounts in OPENING.values() for v in accounts.values())

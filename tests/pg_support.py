@@ -94,6 +94,10 @@ async def eventually(predicate: Callable[[], Awaitable[Any] | Any], timeout: flo
         await asyncio.sleep(interval)
 
 
+# One test on both stores (a fresh PostgreSQL database for its second run): `@BOTH_STORES` on the test.
+BOTH_STORES = pytest.mark.parametrize("gateway_store", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest.fixture(params=["sqlite", "postgres"], name="gateway_store")
 def on_both_stores(request: pytest.FixtureRequest) -> str:
     """Run a module's cluster tests on both stores: `gateway_store = on_both_stores` in the module. The

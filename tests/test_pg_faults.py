@@ -22,7 +22,7 @@ from servers.gateway.store.records import ClaimKind
 from tests.harness import free_port
 from tests.pg_support import eventually
 from tests.tcpproxy import TcpProxy
-from tests.test_pg_store import FAST, PAY, lock_gone, fetch, key_row, replica
+from tests.test_pg_store import FAST, PAY, THIS_DATABASE, lock_gone, fetch, key_row, replica
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -154,8 +154,9 @@ async def test_terminated_pool_backends_cost_at_most_an_unavailable_call(postgre
         for _ in range(8):
             rows = await fetch(postgres_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                                              " WHERE datname = current_database() AND application_name ="
-                                             " 'strife-gateway' AND pid <> (SELECT pid FROM pg_locks"
-                                             " WHERE locktype = 'advisory' AND objid = $1 AND objsubid = 2)", owner)
+                                             " 'strife-gateway' AND pid <> ALL (SELECT pid FROM pg_locks"
+                                             " WHERE locktype = 'advisory' AND objid = $1 AND objsubid = 2"
+                                             f" AND {THIS_DATABASE})", owner)
             assert rows  # the pool's backends, not the liveness session
             failures: list[StoreUnavailable] = []
 
@@ -185,7 +186,8 @@ async def test_a_cancelled_call_never_leaves_a_transaction_open_on_a_pooled_conn
             claim = asyncio.ensure_future(store.claim("alice", "k", *PAY))
             waiting = await eventually(lambda: fetch(
                 postgres_url, "SELECT pid FROM pg_stat_activity WHERE application_name = 'strife-gateway'"
-                              " AND wait_event_type = 'Lock'"), 10, message="the claim to wait on the row lock")
+                              " AND wait_event_type = 'Lock' AND datname = current_database()"), 10,
+                message="the claim to wait on the row lock")
             claim.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await claim
@@ -194,7 +196,8 @@ async def test_a_cancelled_call_never_leaves_a_transaction_open_on_a_pooled_conn
             await blocker.close()
         # The one pooled connection came back without a transaction (or was dropped): the claim can run now.
         in_transaction = await fetch(postgres_url, "SELECT pid FROM pg_stat_activity WHERE application_name ="
-                                                   " 'strife-gateway' AND state LIKE 'idle in transaction%'")
+                                                   " 'strife-gateway' AND state LIKE 'idle in transaction%'"
+                                                   " AND datname = current_database()")
         assert in_transaction == []
         resumed = await store.claim("alice", "k", *PAY)
         assert resumed.kind is ClaimKind.RESUMED and resumed.payment.epoch == 2

@@ -56,9 +56,13 @@ async def key_row(url: str, user: str, key: str) -> asyncpg.Record:
     return rows[0]
 
 
+# This test's database only: the server is shared, and other Strife databases hold the same lock keys.
+THIS_DATABASE = "database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+
+
 async def lock_holder(url: str, owner: int) -> int | None:
     rows = await fetch(url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND objid = $2"
-                            " AND objsubid = 2 AND granted", OWNER_LOCK_SPACE, owner)
+                            f" AND objsubid = 2 AND granted AND {THIS_DATABASE}", OWNER_LOCK_SPACE, owner)
     return rows[0]["pid"] if rows else None
 
 
@@ -280,7 +284,8 @@ async def test_a_replica_waits_behind_another_replicas_long_migration(postgres_u
         starting = asyncio.ensure_future(store.start())
         await eventually(lambda: fetch(postgres_url, "SELECT 1 FROM pg_stat_activity WHERE application_name ="
                                                      " 'strife-gateway' AND wait_event_type = 'Lock'"
-                                                     " AND query_start < now() - interval '2 seconds'"), 10,
+                                                     " AND query_start < now() - interval '2 seconds'"
+                                                     " AND datname = current_database()"), 10,
                          message="the start to wait on the migration lock past its command timeout")
         await migrating.rollback()
         await starting

@@ -27,7 +27,7 @@ import grpc
 from protofiles import payment_pb2
 from servers import serving
 from servers.certs import GATEWAY_CN
-from servers.faults import crash_point
+from servers.faults import crash_point, delay_at
 from servers.gateway.banklink import BankCallError, BankLink
 from servers.gateway.metrics import GatewayMetrics, GatewayMetricsOff
 from servers.gateway.store.errors import StoreUnavailable
@@ -125,6 +125,8 @@ class Coordinator:
             else:
                 decision = await self._prepare(payment)
             crash_point("after_prepare")
+            if delay := delay_at("after_prepare"):  # tests: the votes are in, the decision is not stored yet
+                await asyncio.sleep(delay)
             response = self.response_for(payment, decision)
             await self.store.decide(payment, decision.commit, decision.status, decision.message,
                                     response.SerializeToString())

@@ -70,7 +70,7 @@ class Liveness:
     async def _take_identity(self) -> None:
         conn = await self._connect()
         try:
-            number, locked, pid = await conn.fetchrow(sql.TAKE_IDENTITY, timeout=self._timeout)
+            number, locked, pid, _name = await conn.fetchrow(sql.TAKE_IDENTITY, timeout=self._timeout)
             if not locked:  # pragma: no cover - a fresh number's lock cannot be held by anyone
                 raise RuntimeError(f"owner lock {number} is held already: is another program using its key space?")
             if self.number is not None:

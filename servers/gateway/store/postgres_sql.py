@@ -72,8 +72,12 @@ async def migrate(conn, timeout: float = 600.0) -> list[int]:  # conn: asyncpg.C
 
 
 # ---- liveness (on the replica's own connection) -----------------------------------------------------------------
-# A fresh owner number and its lock, in one statement: no row can name a number before its lock is held.
-TAKE_IDENTITY = (f"SELECT n, pg_try_advisory_lock({OWNER_LOCK_SPACE}, n), pg_backend_pid()"
+# A fresh owner number and its lock, in one statement: no row can name a number before its lock is held. The
+# session is named after the number (pg_stat_activity.application_name), so an operator can tell which backend
+# is which replica's liveness, and what ending it would do, without decoding advisory locks.
+LIVENESS_APPLICATION = "strife-gateway-liveness owner="
+TAKE_IDENTITY = (f"SELECT n, pg_try_advisory_lock({OWNER_LOCK_SPACE}, n), pg_backend_pid(),"
+                 f" set_config('application_name', '{LIVENESS_APPLICATION}' || n, false)"
                  " FROM (SELECT nextval('owner_numbers')::integer AS n) AS fresh")
 # After a lost session: end the old one if the server still has it (a false alarm, or a half-open socket), so
 # its payments are free for take-over now rather than once TCP keepalives give up. Found by the lock it holds,
