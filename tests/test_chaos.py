@@ -1,24 +1,40 @@
-"""The chaos run's short version (the long one is `python -m bench.chaos`, see bench/chaos.py).
+"""The chaos run's short versions (the long one is `python -m bench.chaos`, see bench/chaos.py).
 
 Four wallets' headless cores pay through TCP proxies while a seeded driver SIGKILLs and restarts the gateway
 (once with payments waiting in Prepare) and a bank, stalls them with SIGSTOP, cuts the wallet↔gateway and
 gateway↔bank links and loses replies on them. Afterwards every invariant of the money is checked against the
-ledgers, the gateway's store and the wallets' outboxes on disk.
+ledgers, the gateway's store and the wallets' outboxes on disk. The PostgreSQL version runs two gateway
+replicas on a database of its own, kills replicas, restarts the store (as its clients see it), and cuts and
+loses replies on a replica's store link. Then the defects these runs found, each as a test of its own.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import grpc
+import pytest
 
 from bench.chaos import ChaosConfig, run_chaos
+from bench.chaos import main as chaos_main
 from bench.chaos_faults import FAULTS
+from bench.chaos_store import through
 from protofiles import payment_pb2 as pb
-from tests.harness import OPENING_TOTAL, Cluster, wait_until
+from servers.config import load_banks
+from servers.gateway.coordinator import Banks, Coordinator
+from servers.gateway.store.pg_connection import PostgresOptions
+from servers.gateway.store.postgres import PostgresStore
+from tests.harness import OPENING, OPENING_ACCOUNTS, OPENING_TOTAL, Cluster, wait_until
+from tests.pg_support import admin_url, eventually, require_postgres
+from tests.store_view import StoreView
+from tests.tcpproxy import TcpProxy
 
 # ~70 payments spread over 15 s of faults; the whole run takes about 25 s on 2 cores and is cut off at 50 s.
 SHORT = ChaosConfig(payments=72, wallets=4, seed=20_461, seconds_budget=50.0, chaos_seconds=15.0)
@@ -36,6 +52,16 @@ def test_chaos_every_key_settles_once_and_money_is_conserved(tmp_path: Path, cer
     # Every kind of fault happened at least once while the wallets were paying.
     assert set(f["faults_by_kind"]) == set(FAULTS), f["faults_by_kind"]
     assert f["gateway_kills"] >= 2 and f["gateway_kills_mid_payment"] >= 1 and f["bank_kills"] >= 1
+
+
+def test_chaos_cli_refuses_a_store_it_cannot_use_without_showing_a_password(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for store in ("mysql://chaos:s3cret-pw@db/strife", "postgresql://chaos:s3cret-pw@/strife?host=/run/pg"):
+        with pytest.raises(SystemExit) as exit_:
+            chaos_main(["--store", store, "--payments", "4"])
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err
+        assert "--store" in error and "s3cret-pw" not in error, error
 
 
 # ---- defects the chaos run found -------------------------------------------------------------------------------
@@ -92,3 +118,5 @@ def test_regression_prepare_vote_timeout_after_a_gateway_stall_fails_the_payment
                message="every payment to be finished and every hold released")
     assert cluster.accounts() == before
     assert cluster.total() == OPENING_TOTAL
+
+
