@@ -120,3 +120,59 @@ def test_regression_prepare_vote_timeout_after_a_gateway_stall_fails_the_payment
     assert cluster.total() == OPENING_TOTAL
 
 
+def test_regression_a_replica_that_loses_its_store_session_mid_payment_answers_unavailable(
+        make_cluster: Callable[..., Cluster], postgres_url: str) -> None:
+    """Found by the chaos run on PostgreSQL (3 replicas, seed 1): a replica's store link dropped while a payment
+    waited for its votes. Its decision was then refused by the store's fence (LostOwnership: the replica no
+    longer owned the payment), and the exception escaped the call as UNKNOWN "Unexpected <class
+    'LostOwnership'>" with a traceback in the log. The wallet took UNKNOWN for a final failure and recorded
+    "failed" with no transaction id, though the payment's outcome was still to be decided by whichever replica
+    took it over. A replica that no longer owns the payment must answer UNAVAILABLE (retry with the same key),
+    and that retry gets the payment's one outcome."""
+    proxy = TcpProxy(urlsplit(postgres_url).port or 5432)
+    try:
+        cluster = make_cluster(store=through(postgres_url, proxy.address), txn_timeout=3.0)
+        view = StoreView(postgres_url, cluster.data_dir)  # straight to the store, not through the cut link
+        alice = cluster.client("alice")
+        key = f"lost-session-{uuid.uuid4()}"
+        outcome: list[object] = []
+
+        def pay() -> None:
+            try:
+                outcome.append(alice.pay(key, "SBI-1001", "HDFC-2001", 12.5, timeout=20))
+            except grpc.RpcError as exc:
+                outcome.append(exc)
+
+        cluster.procs["SBI"].pause()  # the payment waits in Prepare…
+        payer = threading.Thread(target=pay)
+        payer.start()
+        try:
+            wait_until(lambda: view.count_keys("started") == 1, 10, message="the payment to wait for its votes")
+            proxy.cut()               # …while its replica loses the store
+            wait_until(lambda: "lost the store session" in cluster.procs["gateway"].log(), 10,
+                       message="the replica to notice its lost store session")
+        finally:
+            cluster.procs["SBI"].resume()
+        payer.join(30)
+        assert outcome, "the payment call did not return"
+        error = outcome[0]
+        assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE, error
+        assert "retry with the same idempotency key" in error.details(), error.details()
+        assert "raised by servicer method" not in cluster.procs["gateway"].log()  # no unhandled exception
+
+        proxy.restore()
+        final = alice.pay_until_final(key, "SBI-1001", "HDFC-2001", 12.5, deadline=30)
+        wait_until(lambda: view.unfinished() == 0 and cluster.holds() == 0, 20,
+                   message="the payment to be finished and its holds released")
+        # Resumed by the retry (and paid) or aborted by a completer: either way one payment, as the answer says.
+        paid = final.status == pb.PAYMENT_STATUS_SUCCEEDED
+        assert paid or final.status == pb.PAYMENT_STATUS_FAILED, final
+        assert view.payments_with_key("alice", key) == [(final.transaction_id, "succeeded" if paid else "failed")]
+        moved = 1250 if paid else 0
+        expected = dict(OPENING_ACCOUNTS, **{"SBI-1001": (OPENING_ACCOUNTS["SBI-1001"][0] - moved, 0),
+                                             "HDFC-2001": (OPENING_ACCOUNTS["HDFC-2001"][0] + moved, 0)})
+        assert cluster.accounts() == expected
+    finally:
+        proxy.close()
+
+

@@ -32,7 +32,7 @@ from servers.gateway.banklink import BankCallError, BankLink
 from servers.gateway.metrics import GatewayMetrics, GatewayMetricsOff
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.interface import GatewayStore
-from servers.gateway.store.records import Payment, Point
+from servers.gateway.store.records import LostOwnership, Payment, Point
 from servers.money import bank_of, format_paise, paise_to_rupees
 
 log = logging.getLogger("strife.coordinator")
@@ -126,8 +126,14 @@ class Coordinator:
                 decision = await self._prepare(payment)
             crash_point("after_prepare")
             response = self.response_for(payment, decision)
-            await self.store.decide(payment, decision.commit, decision.status, decision.message,
-                                    response.SerializeToString())
+            try:
+                await self.store.decide(payment, decision.commit, decision.status, decision.message,
+                                        response.SerializeToString())
+            except LostOwnership as exc:
+                # The store's fence refused our decision: this replica lost its store session, or the payment
+                # was taken over. Its outcome is whatever its owner now decides, so the caller must not take
+                # this for a final answer: UNAVAILABLE, and a retry with the key gets that outcome.
+                raise StoreUnavailable(f"{exc}; retry with the same idempotency key for its outcome") from None
         except BaseException:
             # Undecided and unable to go on (e.g. the store failed): let go so a retry or the completer
             # continues it instead of finding it "in flight" for as long as this process lives.
