@@ -176,3 +176,31 @@ def test_regression_a_replica_that_loses_its_store_session_mid_payment_answers_u
         proxy.close()
 
 
+async def test_regression_an_unreachable_store_is_logged_in_one_line_not_a_traceback_a_second(
+        postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the chaos run on PostgreSQL (the first run with a store restart): while the store was away, every
+    replica's log got a full traceback about once a second — asyncpg's pool trying to restore its connection
+    floor logs "Failed to restore the pool connection floor; retrying" with the exception attached. A store
+    that is away is an expected condition (CONTRACT §9: calls fail with UNAVAILABLE until it is back), and a
+    traceback in a server's log means a bug to whoever reads it: one line with the reason, password masked."""
+    caplog.set_level(logging.WARNING, logger="asyncpg.pool")
+    proxy = TcpProxy(urlsplit(postgres_url).port or 5432)
+    url = through(postgres_url, proxy.address).replace("postgres@", "postgres:s3cret-pw@", 1)
+    options = PostgresOptions(liveness_interval=0.2, liveness_timeout=2.0, command_timeout=3.0, connect_timeout=3.0)
+    store = PostgresStore(url, options)
+    await store.start()
+    try:
+        proxy.cut()  # every pooled connection closes; the pool then tries to get back to its floor, and fails
+        await eventually(lambda: any("connection floor" in r.getMessage() for r in caplog.records), 10,
+                         message="the pool's attempt to restore its connection floor")
+        proxy.restore()
+        await eventually(store.is_live, 10, message="the store to be back")
+    finally:
+        await store.close()
+        proxy.close()
+    floor = [r for r in caplog.records if "connection floor" in r.getMessage()]
+    assert all(r.exc_info is None and r.exc_text is None for r in floor), "a traceback for a store that is away"
+    assert all("retrying (" in r.getMessage() for r in floor), [r.getMessage() for r in floor]  # the reason
+    assert "s3cret-pw" not in caplog.text
+
+
