@@ -243,14 +243,22 @@ class Coordinator:
         taken_ids = {p.id for p in taken}
         work = taken + [p for p in await self._own_stuck() if p.id not in taken_ids]
         done = 0
-        for payment in work:
-            if self._stop.is_set():
-                break
-            try:
-                done += await self._complete(payment)
-            except Exception:  # noqa: BLE001 - one bad payment must not stop the others
-                log.exception("completing payment %s failed; will retry", payment.txn_id)
-        self.metrics.completer_pass(left=len(work) - done)
+        try:
+            for payment in work:
+                if self._stop.is_set() or not self.store.is_live():
+                    break
+                try:
+                    done += await self._complete(payment)
+                except LostOwnership as exc:
+                    # This replica lost its store session mid-pass, or another took the payment over: its
+                    # owner now completes it (decisions are idempotent at the banks). Expected: one line.
+                    log.info("left to the payment's current owner: %s", exc)
+                except StoreUnavailable:
+                    raise  # the store went away mid-pass: the completer loop says so in one line, then retries
+                except Exception:  # noqa: BLE001 - one bad payment must not stop the others
+                    log.exception("completing payment %s failed; will retry", payment.txn_id)
+        finally:
+            self.metrics.completer_pass(left=len(work) - done)
         return done
 
     async def _own_stuck(self) -> list[Payment]:
