@@ -55,6 +55,44 @@ def test_chaos_every_key_settles_once_and_money_is_conserved(tmp_path: Path, cer
     assert f["gateway_kills"] >= 2 and f["gateway_kills_mid_payment"] >= 1 and f["bank_kills"] >= 1
 
 
+# The PostgreSQL variant: two replicas, each wallet given both, the faults that concern replicas and their store
+# (the banks' own faults are the SQLite run's: they do not depend on the store). About 20 s on 2 cores.
+REPLICA_FAULTS = ("kill_gateway", "kill_gateway_mid_payment", "stall_gateway", "cut_wallet_link",
+                  "restart_store", "cut_store_link", "drop_store_replies")
+PG_SHORT = ChaosConfig(payments=40, wallets=4, seed=7, gateways=2, seconds_budget=45.0, chaos_seconds=8.0,
+                       faults=REPLICA_FAULTS)
+
+
+def test_chaos_on_postgresql_replicas_killed_and_store_restarted_every_key_settles_once(
+        tmp_path: Path, certs_dir: Path) -> None:
+    require_postgres()
+    report = run_chaos(tmp_path, certs_dir, replace(PG_SHORT, store=admin_url()))
+    print(report.text())
+    assert report.ok, report.text()
+
+    f = report.figures
+    assert f["submitted"] == PG_SHORT.payments
+    assert f["succeeded"] + f["declined"] + f["failed"] == PG_SHORT.payments
+    assert f["succeeded"] > 0, "chaos so heavy that nothing got through proves little"
+    assert set(f["faults_by_kind"]) == set(REPLICA_FAULTS), f["faults_by_kind"]
+    assert f["gateway_kills"] >= 2 and f["store_restarts"] >= 1 and f["store_link_cuts"] >= 1
+    assert f["owner_changes"] >= 1, "no replica lost its store session and came back under a new owner"
+    # The run's own database is gone again (only a failed run keeps it).
+    database = str(f["store_database"])
+    assert database.startswith("strife_chaos_") and not report.notes
+    assert not asyncio.run(_database_exists(database))
+
+
+async def _database_exists(name: str) -> bool:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url(), timeout=10)
+    try:
+        return bool(await conn.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()
+
+
 def test_chaos_cli_refuses_a_store_it_cannot_use_without_showing_a_password(
         capsys: pytest.CaptureFixture[str]) -> None:
     for store in ("mysql://chaos:s3cret-pw@db/strife", "postgresql://chaos:s3cret-pw@/strife?host=/run/pg"):
