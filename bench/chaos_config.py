@@ -10,6 +10,9 @@ class ChaosConfig:
     payments: int = 300
     wallets: int = 4
     seed: int = 1
+    gateways: int = 1                                 # gateway replicas on one store
+    store: str = "sqlite"                             # or a PostgreSQL admin URL (bench/chaos_store.py)
+    faults: tuple[str, ...] = ()                      # the kinds of fault to inject; () = every kind that applies
     seconds_budget: float = 600.0
     txn_timeout: float = 1.5                          # the gateway's prepare deadline
     pay_timeout: float = 4.0                          # the wallet's deadline on one payment call
@@ -17,4 +20,5 @@ class ChaosConfig:
     chaos_seconds: float = 60.0                       # submissions are spread over this long, faults meanwhile
     fault_gap: tuple[float, float] = (0.1, 0.8)       # between two faults
     outage: tuple[float, float] = (0.2, 1.2)          # how long a process stays dead or a link cut
+    store_outage: tuple[float, float] = (0.5, 2.5)    # how long a "restarted" PostgreSQL store is away
     max_amount_paise: int = 30_000                    # up to ₹300: dave (₹100) is often declined

@@ -1,5 +1,6 @@
-"""The chaos run's verdicts, read from disk after the run: the banks' ledgers, the gateway's payment table, and
-every wallet's outbox. Each check names an invariant and says what it found.
+"""The chaos run's verdicts, read after the run: the banks' ledgers, the gateways' store (SQLite or PostgreSQL,
+read directly by tests/store_view.py, not by the gateway's own code), and every wallet's outbox. Each check names
+an invariant and says what it found.
 """
 from __future__ import annotations
 
@@ -41,9 +42,7 @@ def check_invariants(cluster: Cluster, wallets: list[WalletView]) -> list[Check]
 
     accounts = cluster.accounts()
     states = {bank: cluster.txn_states(bank) for bank in OPENING}
-    with cluster.gateway_db() as db:
-        rows = db.execute("SELECT username, idem_key, txn_id, from_account, to_account, amount, status"
-                          " FROM payments").fetchall()
+    rows = cluster.view.payments()
     total = sum(b for b, _ in accounts.values())
     check("money conserved", [] if total == OPENING_TOTAL else [f"total {total} != opening {OPENING_TOTAL}"],
           f"sum of balances {total} paise == opening {OPENING_TOTAL}")
@@ -110,6 +109,25 @@ def check_invariants(cluster: Cluster, wallets: list[WalletView]) -> list[Check]
     wrong = [f"{a}: {accounts[a][0]} != {v}" for a, v in expected.items() if accounts.get(a, (None,))[0] != v]
     check("balances = opening ± succeeded", wrong,
           f"all {len(expected)} balances equal opening ± the succeeded payments in the gateway's table")
+
+    # End to end, the gateway's table aside: what the wallets were told is what the banks did.
+    told: dict[str, tuple[str, str, int]] = {}
+    for w in wallets:
+        told.update({e.transaction_id: (e.from_account, e.to_account, e.amount_paise)
+                     for e in w.outbox.finished(10_000) if e.status == "succeeded"})
+    problems = [f"told succeeded, {txn} at {b}: {states[b].get(txn)}" for txn, (src, dst, _) in told.items()
+                for b in {bank_of(src), bank_of(dst)} if states[b].get(txn) != "committed"]
+    problems += [f"{bank} committed {t}, no wallet was told it succeeded" for bank in OPENING
+                 for t in committed_by_bank[bank] if t not in told]
+    expected = dict(OPENING_PAISE)
+    for src, dst, amount in told.values():
+        expected[src] -= amount
+        expected[dst] += amount
+    problems += [f"{a}: {accounts[a][0]} != {v} (opening ± what the wallets were told)"
+                 for a, v in expected.items() if accounts.get(a, (None,))[0] != v]
+    check("told succeeded ⇔ committed", problems,
+          f"{len(told)} payments the wallets were told succeeded are committed at both banks, no other commit, "
+          "balances = opening ± them")
     crashes = [f"{name}: {proc.log().count('Traceback')} traceback(s)" for name, proc in cluster.procs.items()
                if "Traceback" in proc.log()]
     check("no unhandled exception", crashes, "no traceback in any server's log (one file per server, all restarts)")

@@ -67,6 +67,17 @@ class StoreView:
                           "SELECT txn_id, status FROM payments WHERE username = $1 AND idem_key = $2 ORDER BY id",
                           user, idem_key)
 
+    def payments(self) -> list[tuple[str, str, str, str, str, int, str]]:
+        """Every payment: (username, idem_key, txn_id, from_account, to_account, amount in paise, status)."""
+        sql = "SELECT username, idem_key, txn_id, from_account, to_account, amount, status FROM payments ORDER BY id"
+        return self._rows(sql, sql)
+
+    def undecided_by_owner(self) -> dict[str, int]:
+        """Owner id (as the gateway logs it) → how many undecided ('started') payments it holds right now."""
+        sql = ("SELECT {0}, count(*) FROM idempotency_keys WHERE recovery_point = 'started' AND {0} IS NOT NULL"
+               " GROUP BY 1")
+        return dict(self._rows(sql.format("locked_by"), sql.format("owner::text")))
+
     def count_keys(self, recovery_point: str | None = None, *, unfinished: bool = False) -> int:
         where, args = "", ()
         if unfinished:

@@ -32,7 +32,7 @@ from servers.gateway.banklink import BankCallError, BankLink
 from servers.gateway.metrics import GatewayMetrics, GatewayMetricsOff
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.interface import GatewayStore
-from servers.gateway.store.records import Payment, Point
+from servers.gateway.store.records import LostOwnership, Payment, Point
 from servers.money import bank_of, format_paise, paise_to_rupees
 
 log = logging.getLogger("strife.coordinator")
@@ -128,8 +128,14 @@ class Coordinator:
             if delay := delay_at("after_prepare"):  # tests: the votes are in, the decision is not stored yet
                 await asyncio.sleep(delay)
             response = self.response_for(payment, decision)
-            await self.store.decide(payment, decision.commit, decision.status, decision.message,
-                                    response.SerializeToString())
+            try:
+                await self.store.decide(payment, decision.commit, decision.status, decision.message,
+                                        response.SerializeToString())
+            except LostOwnership as exc:
+                # The store's fence refused our decision: this replica lost its store session, or the payment
+                # was taken over. Its outcome is whatever its owner now decides, so the caller must not take
+                # this for a final answer: UNAVAILABLE, and a retry with the key gets that outcome.
+                raise StoreUnavailable(f"{exc}; retry with the same idempotency key for its outcome") from None
         except BaseException:
             # Undecided and unable to go on (e.g. the store failed): let go so a retry or the completer
             # continues it instead of finding it "in flight" for as long as this process lives.
@@ -239,14 +245,22 @@ class Coordinator:
         taken_ids = {p.id for p in taken}
         work = taken + [p for p in await self._own_stuck() if p.id not in taken_ids]
         done = 0
-        for payment in work:
-            if self._stop.is_set():
-                break
-            try:
-                done += await self._complete(payment)
-            except Exception:  # noqa: BLE001 - one bad payment must not stop the others
-                log.exception("completing payment %s failed; will retry", payment.txn_id)
-        self.metrics.completer_pass(left=len(work) - done)
+        try:
+            for payment in work:
+                if self._stop.is_set() or not self.store.is_live():
+                    break
+                try:
+                    done += await self._complete(payment)
+                except LostOwnership as exc:
+                    # This replica lost its store session mid-pass, or another took the payment over: its
+                    # owner now completes it (decisions are idempotent at the banks). Expected: one line.
+                    log.info("left to the payment's current owner: %s", exc)
+                except StoreUnavailable:
+                    raise  # the store went away mid-pass: the completer loop says so in one line, then retries
+                except Exception:  # noqa: BLE001 - one bad payment must not stop the others
+                    log.exception("completing payment %s failed; will retry", payment.txn_id)
+        finally:
+            self.metrics.completer_pass(left=len(work) - done)
         return done
 
     async def _own_stuck(self) -> list[Payment]:

@@ -1,9 +1,12 @@
-"""How the PostgreSQL store talks to its server: its options, what every session is set to, and which driver
-errors mean "the store is unavailable" (the gateway's UNAVAILABLE) rather than a bug."""
+"""How the PostgreSQL store talks to its server: its options, what every session is set to, which driver
+errors mean "the store is unavailable" (the gateway's UNAVAILABLE) rather than a bug, and how the driver's own
+log lines about an unavailable store read."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,27 @@ def is_broken(exc: BaseException) -> bool:
     import asyncpg
 
     return isinstance(exc, (asyncpg.InternalClientError, asyncpg.InterfaceError)) and not isinstance(exc, ValueError)
+
+
+POOL_LOGGER = "asyncpg.pool"
+
+
+class OneLineOutages(logging.Filter):
+    """For asyncpg's pool logger: an unavailable store in one line, not a traceback.
+
+    While the store is away, the pool's attempts to restore its connection floor log "Failed to restore the pool
+    connection floor; retrying" with the exception attached — a traceback about once a second at first, on every
+    replica. An unreachable store is an expected condition (calls answer UNAVAILABLE until it is back), and a
+    traceback in a server's log reads as a bug: such a record keeps its line and gets the reason appended
+    (password scrubbed by `describe`). Any other exception keeps its traceback."""
+
+    def __init__(self, describe: Callable[[BaseException], str]) -> None:
+        super().__init__()
+        self._describe = describe
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (is_unavailable(exc) or is_broken(exc)):
+            record.msg, record.args = f"{record.getMessage()} ({self._describe(exc)})", None
+            record.exc_info, record.exc_text = None, None
+        return True

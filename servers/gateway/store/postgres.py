@@ -25,7 +25,8 @@ from typing import Any, AsyncIterator, Callable
 
 from servers.gateway.store import postgres_sql as sql
 from servers.gateway.store.errors import StoreUnavailable
-from servers.gateway.store.pg_connection import PostgresOptions, is_broken, is_unavailable, server_settings
+from servers.gateway.store.pg_connection import (POOL_LOGGER, OneLineOutages, PostgresOptions, is_broken,
+                                                 is_unavailable, server_settings)
 from servers.gateway.store.pg_liveness import Liveness
 from servers.gateway.store.url import mask_url, scrub
 from servers.gateway.store.records import Claim, ClaimKind, HistoryRow, LostOwnership, Payment, Point, fingerprint
@@ -57,6 +58,7 @@ class PostgresStore:
         self._unsettled: list[Payment] = []  # held by this owner maybe, executed by nobody: release them
         self._finish_queue: list[tuple[Payment, asyncio.Future[None]]] = []
         self._finisher: asyncio.Task | None = None
+        self._pool_log_filter = OneLineOutages(self._describe)
 
     # ---- identity and liveness --------------------------------------------------------------------------------
     @property
@@ -114,6 +116,7 @@ class PostgresStore:
             if self._query_logger is not None:
                 conn.add_query_logger(self._query_logger)
 
+        logging.getLogger(POOL_LOGGER).addFilter(self._pool_log_filter)
         try:
             self._pool = await asyncpg.create_pool(
                 self._url, min_size=o.pool_min, max_size=o.pool_max, timeout=o.connect_timeout,
@@ -151,6 +154,7 @@ class PostgresStore:
                 await asyncio.wait_for(pool.close(), self.options.command_timeout)
             except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - a pool whose store is gone
                 pool.terminate()
+        logging.getLogger(POOL_LOGGER).removeFilter(self._pool_log_filter)
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
     def _describe(self, exc: BaseException) -> str:
