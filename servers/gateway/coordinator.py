@@ -135,7 +135,8 @@ class Coordinator:
                 # The store's fence refused our decision: this replica lost its store session, or the payment
                 # was taken over. Its outcome is whatever its owner now decides, so the caller must not take
                 # this for a final answer: UNAVAILABLE, and a retry with the key gets that outcome.
-                raise StoreUnavailable(f"{exc}; retry with the same idempotency key for its outcome") from None
+                raise StoreUnavailable(f"this gateway replica lost payment {payment.txn_id} to another replica"
+                                       f" ({exc}); retry with the same idempotency key for its outcome") from None
         except BaseException:
             # Undecided and unable to go on (e.g. the store failed): let go so a retry or the completer
             # continues it instead of finding it "in flight" for as long as this process lives.

@@ -15,7 +15,7 @@ from servers.faults import delay_at
 from servers.gateway.coordinator import STATUS_ENUM, Banks, Coordinator
 from servers.gateway.login_guard import LoginGuard, LoginLimits, LoginRefused
 from servers.gateway.payment_checks import Refusal, checked_amount, idempotency_key, refusal
-from servers.gateway.store.records import Claim, ClaimKind, LostOwnership, Payment
+from servers.gateway.store.records import Claim, ClaimKind, Payment
 from servers.interceptors import bearer_token, current_user, note
 from servers.money import MAX_PAYMENT_PAISE, bank_of, paise_to_rupees
 
@@ -133,15 +133,9 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         if claim.kind is ClaimKind.RESUMED:
             note(retry_kind="resumed")
         # The payment runs as a task of its own, shielded too: its outcome is stored and a retry gets it.
-        try:
-            response = await asyncio.shield(self._run(payment, refused))
-        except LostOwnership as exc:
-            # This replica lost its store session mid-payment, and the payment with it: another replica takes
-            # it over (or did), and that one's decision is the outcome. Not a final failure — it may succeed.
-            note(fenced=str(exc))
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"this gateway replica lost payment {payment.txn_id} to another replica (its store "
-                                "session was lost); retry with the same idempotency key for its outcome")
+        # (A payment this replica loses to another mid-way — its store session gone — ends in StoreUnavailable:
+        # UNAVAILABLE, retry with the same key; see Coordinator.run.)
+        response = await asyncio.shield(self._run(payment, refused))
         note(outcome=payment_pb2.PaymentStatus.Name(response.status).removeprefix("PAYMENT_STATUS_").lower())
         return response
 
