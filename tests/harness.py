@@ -46,11 +46,20 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def _listen_candidates() -> range:
-    """Ports outside the ephemeral range: a port there can only be taken by another listener."""
+    """Ports outside the ephemeral range: a port there can only be taken by another listener. When the suite
+    runs in several pytest-xdist workers, each draws from a block of its own: a port is checked free and handed
+    out once per process, so two workers drawing from one pool could both hand out a port before either bound."""
     low, high = _ephemeral_range()
     if low - 10_000 >= 2_000:  # Linux default 32768-60999 -> 10000-32767
-        return range(10_000, low)
-    return range(max(high + 1, 2_000), 65_536)  # may be empty: free_port() then falls back to bind(0)
+        ports = range(10_000, low)
+    else:
+        ports = range(max(high + 1, 2_000), 65_536)  # may be empty: free_port() then falls back to bind(0)
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and workers.isdigit() and int(workers) > 1:
+        block = len(ports) // int(workers)
+        start = ports.start + int(worker[2:]) * block
+        ports = range(start, start + block)
+    return ports
 
 
 def _bindable(port: int) -> bool:
