@@ -1,0 +1,156 @@
+"""bench.replicas' report: medians with ranges over interleaved rounds, the targets, where the CPU goes, the soak,
+the cost of a commit and a round trip on each store, and a paper estimate for N replicas on N machines."""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+ROLES = ("client", "gateways", "SBI", "HDFC", "postgres")
+# A gateway's or a bank's work runs on one event loop (one Python thread holding the GIL): on a machine of its
+# own it gets about one core, whatever the machine has. PostgreSQL runs a process per session: all its cores.
+PROCESS_CORES = 1.0
+
+
+def _med(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Per configuration: each measure's median [range]; per target: the median [range] of the rounds' ratios;
+    per configuration and window: each role's median CPU ms per payment."""
+    configs = list(rounds[0])
+    out: dict[str, Any] = {"rates": {}, "cpu_ms": {}, "cpu_busy": {}, "machine_busy": {}, "ratios": {}}
+    for c in configs:
+        measures = [k for k, v in rounds[0][c].items() if isinstance(v, float)]
+        out["rates"][c] = {m: _med([r[c][m] for r in rounds]) for m in measures}
+        out["cpu_ms"][c] = {w: {role: statistics.median(r[c]["cpu_ms"][w].get(role, 0.0) for r in rounds)
+                                for role in ROLES if role in rounds[0][c]["cpu_ms"][w]}
+                            for w in rounds[0][c]["cpu_ms"]}
+        for busy in ("cpu_busy", "machine_busy"):
+            out[busy][c] = {w: statistics.median(r[c][busy][w] for r in rounds) for w in rounds[0][c][busy]}
+    pg = [c for c in configs if c != "sqlite"]
+    ratios: dict[str, list[float]] = {}
+    for r in rounds:
+        one = pg[0]
+        ratios.setdefault(f"{one} sequential / sqlite sequential", []).append(r[one]["sequential"] / r["sqlite"]["sequential"])
+        ratios.setdefault(f"{one} concurrent / sqlite concurrent", []).append(r[one]["concurrent"] / r["sqlite"]["concurrent"])
+        for c in configs:
+            ratios.setdefault(f"{c} replay / {c} sequential", []).append(r[c]["replay"] / r[c]["sequential"])
+        for c in pg[1:]:
+            ratios.setdefault(f"{c} concurrent / {one} concurrent", []).append(r[c]["concurrent"] / r[one]["concurrent"])
+    out["ratios"] = {name: _med(values) for name, values in ratios.items()}
+    return out
+
+
+def round_line(row: dict[str, dict[str, Any]]) -> str:
+    return "; ".join(f"{c} {v['sequential']:.0f} / {v['concurrent']:.0f} / {v['replay']:.0f}/s" for c, v in row.items()) \
+        + " (sequential / concurrent / replay)"
+
+
+def _span(m: dict[str, float], fmt: str = "{:.0f}") -> str:
+    if m["n"] == 1:
+        return fmt.format(m["median"])
+    return f"{fmt.format(m['median'])} [{fmt.format(m['min'])}–{fmt.format(m['max'])}]"
+
+
+def _verdict(ratio: dict[str, float], target: float) -> str:
+    if ratio["min"] >= target:
+        return "met in every round"
+    if ratio["median"] >= target:
+        return "met by the median, not in every round"
+    return "NOT met"
+
+
+def targets(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(target, measured median [range], verdict), for the targets the measured configurations allow."""
+    ratios = summary["ratios"]
+    pg = [c for c in summary["rates"] if c != "sqlite"]
+    wanted = [(f"PostgreSQL sequential ≥ 0.7× SQLite's ({pg[0]})", f"{pg[0]} sequential / sqlite sequential", 0.7)]
+    wanted += [(f"replay ≥ 3× sequential ({c})", f"{c} replay / {c} sequential", 3.0) for c in pg]
+    wanted += [(f"concurrent: {c} ≥ {pg[0]}", f"{c} concurrent / {pg[0]} concurrent", 1.0) for c in pg[1:2]]
+    return [(label, _span(ratios[name], "{:.2f}x"), _verdict(ratios[name], target)) for label, name, target in wanted]
+
+
+def paper_estimate(cpu_ms: dict[str, float], pg_cores: float, machines: range = range(1, 7)
+                   ) -> list[tuple[int, float, str]]:
+    """Payments/s that N gateway replicas on N machines would carry, from the CPU per payment measured on one
+    machine: each replica and each bank on a machine of its own (one core each: one event loop), PostgreSQL
+    on one of `pg_cores` cores, the clients elsewhere; (N, rate, bottleneck)."""
+    per_gateway = PROCESS_CORES * 1000 / cpu_ms["gateways"]
+    per_bank = PROCESS_CORES * 1000 / max(cpu_ms["SBI"], cpu_ms["HDFC"])  # every payment visits both banks
+    postgres = pg_cores * 1000 / cpu_ms["postgres"] if cpu_ms.get("postgres") else float("inf")
+    out = []
+    for n in machines:
+        limits = {f"{n} gateway replica{'s' * (n > 1)} (CPU)": n * per_gateway, "the busier bank (CPU)": per_bank,
+                  f"PostgreSQL on {pg_cores:g} cores (CPU)": postgres}
+        bottleneck = min(limits, key=limits.__getitem__)
+        out.append((n, limits[bottleneck], bottleneck))
+    return out
+
+
+def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict[str, Any], seconds: float,
+                 rounds: int) -> None:
+    rates = summary["rates"]
+    print(f"\nPostgreSQL store and gateway replicas: {rounds} interleaved round(s), {seconds:g} s per measure;"
+          " median [min–max] over the rounds")
+    header = ("configuration", "sequential /s", "concurrent /s (16 thr.)", "replay /s", "seq. p50 / p99 ms")
+    print(f"{header[0]:<14}{header[1]:>18}{header[2]:>26}{header[3]:>20}{header[4]:>20}")
+    for c, r in rates.items():
+        print(f"{c:<14}{_span(r['sequential']):>18}{_span(r['concurrent']):>26}{_span(r['replay']):>20}"
+              f"{r['sequential_p50_ms']['median']:>13.1f} / {r['sequential_p99_ms']['median']:.1f}")
+    print("\ntargets (each: the median [range] of the rounds' own ratios)")
+    for label, measured, verdict in targets(summary):
+        print(f"  {label:<48}{measured:>24}  {verdict}")
+    for name, ratio in summary["ratios"].items():
+        if "concurrent" in name and not name.startswith("pg×2"):
+            print(f"  {name:<48}{_span(ratio, '{:.2f}x'):>24}")
+
+    print("\nwhere the CPU goes: ms of CPU per payment by process (median over rounds); how busy the machine's cores"
+          " were with this cluster and its client, and with everything (other people's work included)")
+    for window in ("concurrent", "sequential"):
+        print(f"  {window} window:")
+        print(f"    {'configuration':<14}" + "".join(f"{role:>10}" for role in ROLES)
+              + f"{'total':>10}{'ours busy':>11}{'all busy':>10}")
+        for c, by_window in summary["cpu_ms"].items():
+            cpu = by_window[window]
+            print(f"    {c:<14}" + "".join(f"{cpu[role]:>10.2f}" if role in cpu else f"{'-':>10}" for role in ROLES)
+                  + f"{sum(cpu.values()):>10.2f}{summary['cpu_busy'][c][window]:>11.0%}"
+                  f"{summary['machine_busy'][c][window]:>10.0%}")
+
+    one = next((c for c in summary["cpu_ms"] if c != "sqlite"), None)
+    if one is not None:
+        cpu = summary["cpu_ms"][one]["concurrent"]
+        print(f"\npaper estimate: N replicas on N machines, from {one}'s CPU per concurrent payment (gateway"
+              f" {cpu['gateways']:.2f} ms, banks {cpu['SBI']:.2f} / {cpu['HDFC']:.2f} ms, PostgreSQL"
+              f" {cpu['postgres']:.2f} ms): each replica and each bank on a machine of its own, one core each (one"
+              " event loop), PostgreSQL on 2 cores of its own, clients elsewhere and enough of them")
+        for n, rate, bottleneck in paper_estimate(cpu, 2):
+            print(f"  N = {n}: ≈ {rate:,.0f} payments/s, bound by {bottleneck}")
+
+    if soak is not None:
+        print(f"\nsoak: {soak['payments']:,} payments by 16 threads through 2 replicas on PostgreSQL at"
+              f" {soak['rate']:.0f}/s (p99 {soak['p99_ms']:.0f} ms), {len(soak['samples'])} samples; money conserved")
+        print("  (before: after one warm-up payment each; first/last/max: the samples under load, the last taken when"
+              " every payment had been answered)")
+        for name in soak["sessions"]:
+            s, m = soak["sessions"][name], soak["rss_mb"][name]
+            print(f"  {name:<10} PostgreSQL sessions before {s['before']:.0f}, first/last/max {s['first']:.0f} /"
+                  f" {s['last']:.0f} / {s['max']:.0f};  RSS MB before {m['before']:.1f}, first/last/max"
+                  f" {m['first']:.1f} / {m['last']:.1f} / {m['max']:.1f} (last − first {m['last'] - m['first']:+.1f})")
+        print(f"  sessions on the database from neither replica: at most {soak['other_sessions_max']}")
+        print("  PostgreSQL's counts for the soak's database over its whole life, per payment (background included): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in soak["per_payment"].items()))
+
+    pg, lite = why["postgres"], why["sqlite"]
+    print("\nwhat the store's work costs (medians, ms): PostgreSQL on this server vs SQLite as Strife sets it up")
+    print(f"  round trip doing nothing (SELECT 1)             {pg['round_trip_ms']:>8.3f}  {'(none: in-process)':>20}")
+    for label, key in (("durable commit, one after another", "tight"), ("durable commit after 3 ms idle", "after_idle")):
+        print(f"  {label:<47} {pg['commit_ms'][key]:>8.3f}  {lite['commit_ms'][key]:>20.3f}")
+        print(f"  {'  the same without the flush (not for decisions)':<47} {pg['commit_no_sync_ms'][key]:>8.3f}"
+              f"  {lite['commit_no_sync_ms'][key]:>20.3f}")
+    sequential = {c: 1000 / summary["rates"][c]["sequential"]["median"] for c in summary["rates"]}
+    print("  a sequential payment, from the median rates: " + ", ".join(f"{c} {ms:.2f}" for c, ms in sequential.items()))
+    steps = pg["statements_ms"]
+    print("  the store's statements, one payment at a time: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
+          + f"; before the answer: {steps['session read'] + steps['claim'] + steps['decide']:.3f}")
+    print("  server settings: " + ", ".join(f"{k}={v}" for k, v in pg["settings"].items()))
