@@ -35,16 +35,20 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+import grpc
+
 from bench import pg_why, replicas_report
 from bench.pg_observe import (CpuMeter, PgAdmin, backend_pids, bench_database, connections_by_replica, database_of, probe,
                               server_port)
-from bench.run import measure, payment_caller, rss_mb
+from bench.run import payment_caller, rss_mb
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import OPENING_TOTAL, Client, Cluster, free_port, make_certs, wait_until
 
 THREADS = 16
 SOAK_REPLICAS = 2
+COMPLETER_INTERVAL = 1.0
+IDLE_SECONDS = 10.0  # CPU times tick in 10 ms: a long window to see a few ms per second
 POSTGRES_OPTIONS = ("rounds", "seconds", "replicas", "soak_payments", "sample_every")
 
 
@@ -60,7 +64,10 @@ class Setup:
 
 
 def start_setup(root: Path, certs: Path, store: str, replicas: int) -> Setup:
-    cluster = Cluster(root=root, certs_dir=certs, txn_timeout=5.0, store=store)
+    # The completer at its default interval (the test harness polls 5× as often): each replica's passes are
+    # background load on the store, and N replicas make N times as many.
+    cluster = Cluster(root=root, certs_dir=certs, txn_timeout=5.0, store=store,
+                      gateway_args=["--completer-interval", str(COMPLETER_INTERVAL)])
     setup = Setup(cluster, ["gateway"])
     try:
         cluster.start()
@@ -96,17 +103,27 @@ def replayer(client: Client, key: str) -> Callable[[int, int], None]:
     return call
 
 
-def drive(call: Callable[[int, int], None], seconds: float, threads: int) -> dict[str, float]:
-    """`call(w, i)` from `threads` threads until `seconds` have passed: count, rate, latency percentiles."""
-    deadline = time.monotonic() + seconds
+def drive(call: Callable[[int, int], None], threads: int, *, seconds: float | None = None,
+          calls: int | None = None) -> dict[str, Any]:
+    """`call(w, i)` from `threads` threads, for `seconds` or `calls` calls in all: count, rate, latency
+    percentiles of the answered calls, and the calls refused by gRPC code (a client of the benchmark goes on
+    with its next payment; a refused payment moved no money or moved it exactly once, as the checks show)."""
+    deadline = time.monotonic() + (seconds if seconds is not None else float("inf"))
+    per_thread = calls // threads if calls is not None else None
     latencies: list[list[float]] = [[] for _ in range(threads)]
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
 
     def worker(w: int) -> None:
         i = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and (per_thread is None or i < per_thread):
             t = time.perf_counter()
-            call(w, i)
-            latencies[w].append(time.perf_counter() - t)
+            try:
+                call(w, i)
+                latencies[w].append(time.perf_counter() - t)
+            except grpc.RpcError as exc:
+                with lock:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
             i += 1
 
     start = time.perf_counter()
@@ -117,8 +134,16 @@ def drive(call: Callable[[int, int], None], seconds: float, threads: int) -> dic
         t.join()
     elapsed = time.perf_counter() - start
     every = sorted(x for mine in latencies for x in mine)
-    return {"count": len(every), "seconds": elapsed, "rate": len(every) / elapsed,
+    if not every:
+        raise RuntimeError(f"no call was answered in the window: {errors}")
+    return {"count": len(every), "seconds": elapsed, "rate": len(every) / elapsed, "errors": errors,
             "p50_ms": every[len(every) // 2] * 1000, "p99_ms": every[min(len(every) - 1, int(len(every) * .99))] * 1000}
+
+
+def store_sessions_lost(setup: Setup) -> list[str]:
+    """The gateways' own log lines saying they lost their store session (they refuse payments until back)."""
+    return [f"{name}: {line.strip()}" for name in setup.gateways
+            for line in setup.cluster.procs[name].log().splitlines() if "lost the store session" in line]
 
 
 def check_conserved(cluster: Cluster) -> None:
@@ -150,7 +175,9 @@ def measure_setup(setup: Setup, meter: CpuMeter, seconds: float) -> dict[str, An
     out: dict[str, Any] = {"cpu_ms": {}, "cpu_busy": {}, "machine_busy": {}}
     for measure_name, (call, threads) in windows.items():
         before = meter.read()
-        result = drive(call, seconds, threads)
+        result = drive(call, threads, seconds=seconds)
+        if result["errors"]:
+            out.setdefault("errors", {})[measure_name] = result["errors"]
         used = CpuMeter.used(before, meter.read())
         machine = used.pop("machine")
         capacity = result["seconds"] * (os.cpu_count() or 1)
@@ -160,6 +187,7 @@ def measure_setup(setup: Setup, meter: CpuMeter, seconds: float) -> dict[str, An
         out["cpu_busy"][measure_name] = sum(used.values()) / capacity  # this cluster and its client
         out["machine_busy"][measure_name] = machine / capacity        # everything: also other people's work
     check_conserved(setup.cluster)
+    out["store_sessions_lost"] = store_sessions_lost(setup)
     return out
 
 
@@ -190,8 +218,10 @@ def one_round(root: Path, certs: Path, admin: PgAdmin, replica_counts: list[int]
     return {label: results[label] for label, _ in configs}
 
 
-def soak(root: Path, certs: Path, admin: PgAdmin, payments: int, every: float) -> dict[str, Any]:
-    """`payments` payments by 16 threads through 2 replicas: PostgreSQL sessions per replica, gateways' RSS."""
+def soak(root: Path, certs: Path, admin: PgAdmin, payments: int, every: float, idle_seconds: float
+         ) -> dict[str, Any]:
+    """`payments` payments by 16 threads through 2 replicas: PostgreSQL sessions per replica, gateways' RSS;
+    before them, what each process spends with no payments at all (completer passes, liveness checks)."""
     with bench_database(admin) as url:
         setup = start_setup(root, certs, url, SOAK_REPLICAS)
         try:
@@ -209,21 +239,29 @@ def soak(root: Path, certs: Path, admin: PgAdmin, payments: int, every: float) -
 
             for client in setup.clients:
                 payment_caller(client.stub, client.token, f"warm-{id(client)}")(0, 0)
+            meter = meter_for(setup, admin)
+            before = meter.read()
+            time.sleep(idle_seconds)  # the window measured: no payments
+            idle_cpu = {role: s * 1000 / idle_seconds for role, s in CpuMeter.used(before, meter.read()).items()}
             sample()
             thread = threading.Thread(target=sampler, daemon=True)
             thread.start()
             try:
-                result = measure(spread(setup, lambda c: payment_caller(c.stub, c.token, "soak")), payments, THREADS)
+                result = drive(spread(setup, lambda c: payment_caller(c.stub, c.token, "soak")), THREADS,
+                               calls=payments)
             finally:
                 done.set()
                 thread.join(30)
             sample()
             check_conserved(setup.cluster)
+            lost = store_sessions_lost(setup)
         finally:
             setup.cluster.stop()
         per_payment = transactions_per_payment(admin, database_of(url), payments)
     start, idle, loaded = samples[0]["t"], samples[0], samples[1:]  # the last one: all payments answered
-    return {"payments": payments - payments % THREADS, "rate": result["rate"], "p99_ms": result["p99_ms"],
+    return {"payments": result["count"], "rate": result["rate"], "p99_ms": result["p99_ms"],
+            "errors": result["errors"], "store_sessions_lost": lost, "idle_cpu_ms_per_s": idle_cpu,
+            "idle_seconds": idle_seconds,
             "samples": [{**s, "t": round(s["t"] - start, 2)} for s in samples],
             "sessions": {n: _trend(idle["sessions"][n], [s["sessions"][n] for s in loaded]) for n in pids},
             "other_sessions_max": max(s["sessions"]["other"] for s in samples),
@@ -299,8 +337,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(args.rounds):
                 rounds.append(one_round(Path(tmp) / f"round{i}", certs, admin, args.replica_counts, args.seconds, i))
                 print(f"round {i + 1}/{args.rounds}: {replicas_report.round_line(rounds[-1])}", flush=True)
-            soaked = soak(Path(tmp) / "soak", certs, admin, args.soak_payments, args.sample_every) \
-                if args.soak_payments else None
+            soaked = soak(Path(tmp) / "soak", certs, admin, args.soak_payments, args.sample_every,
+                          min(IDLE_SECONDS, args.seconds * 2)) if args.soak_payments else None
             with bench_database(admin) as url:
                 why = pg_why.commit_costs(url, Path(tmp) / "why", pg_why.QUICK if args.quick else pg_why.Counts())
     finally:

@@ -2,6 +2,7 @@
 the cost of a commit and a round trip on each store, and a paper estimate for N replicas on N machines."""
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Any
 
@@ -39,12 +40,20 @@ def summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         for c in pg[1:]:
             ratios.setdefault(f"{c} concurrent / {one} concurrent", []).append(r[c]["concurrent"] / r[one]["concurrent"])
     out["ratios"] = {name: _med(values) for name, values in ratios.items()}
+    out["trouble"] = [f"round {i + 1}, {c}: " + "; ".join([f"calls refused {v['errors']}"] * bool(v.get("errors"))
+                                                         + v.get("store_sessions_lost", []))
+                      for i, r in enumerate(rounds) for c, v in r.items()
+                      if v.get("errors") or v.get("store_sessions_lost")]
     return out
 
 
 def round_line(row: dict[str, dict[str, Any]]) -> str:
-    return "; ".join(f"{c} {v['sequential']:.0f} / {v['concurrent']:.0f} / {v['replay']:.0f}/s" for c, v in row.items()) \
+    line = "; ".join(f"{c} {v['sequential']:.0f} / {v['concurrent']:.0f} / {v['replay']:.0f}/s" for c, v in row.items()) \
         + " (sequential / concurrent / replay)"
+    trouble = [f"{c}: refused {v['errors']}" for c, v in row.items() if v.get("errors")]
+    trouble += [f"{c}: {len(v['store_sessions_lost'])} store session(s) lost" for c, v in row.items()
+                if v.get("store_sessions_lost")]
+    return line + (f" — {'; '.join(trouble)}" if trouble else "")
 
 
 def _span(m: dict[str, float], fmt: str = "{:.0f}") -> str:
@@ -98,6 +107,10 @@ def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict
     for c, r in rates.items():
         print(f"{c:<14}{_span(r['sequential']):>18}{_span(r['concurrent']):>26}{_span(r['replay']):>20}"
               f"{r['sequential_p50_ms']['median']:>13.1f} / {r['sequential_p99_ms']['median']:.1f}")
+    if summary["trouble"]:
+        print("calls refused, and gateways that lost their store session (their own log lines):")
+        for line in summary["trouble"]:
+            print(f"  {line}")
     print("\ntargets (each: the median [range] of the rounds' own ratios)")
     for label, measured, verdict in targets(summary):
         print(f"  {label:<48}{measured:>24}  {verdict}")
@@ -116,6 +129,10 @@ def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict
             print(f"    {c:<14}" + "".join(f"{cpu[role]:>10.2f}" if role in cpu else f"{'-':>10}" for role in ROLES)
                   + f"{sum(cpu.values()):>10.2f}{summary['cpu_busy'][c][window]:>11.0%}"
                   f"{summary['machine_busy'][c][window]:>10.0%}")
+
+    print("  if this cluster had both cores to itself, the concurrent CPU per payment would allow at most: "
+          + ", ".join(f"{c} {(os.cpu_count() or 1) * 1000 / sum(w['concurrent'].values()):.0f}/s"
+                      for c, w in summary["cpu_ms"].items()))
 
     one = next((c for c in summary["cpu_ms"] if c != "sqlite"), None)
     if one is not None:
@@ -138,6 +155,12 @@ def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict
                   f" {s['last']:.0f} / {s['max']:.0f};  RSS MB before {m['before']:.1f}, first/last/max"
                   f" {m['first']:.1f} / {m['last']:.1f} / {m['max']:.1f} (last − first {m['last'] - m['first']:+.1f})")
         print(f"  sessions on the database from neither replica: at most {soak['other_sessions_max']}")
+        idle = soak["idle_cpu_ms_per_s"]
+        print(f"  with no payments ({soak['idle_seconds']:g} s before the load: completer passes, liveness checks),"
+              " ms of CPU per second: " + ", ".join(f"{role} {idle[role]:.1f}" for role in ROLES if role in idle)
+              + f"; the whole machine {idle['machine']:.0f}")
+        for line in ([f"calls refused: {soak['errors']}"] if soak["errors"] else []) + soak["store_sessions_lost"]:
+            print(f"  {line}")
         print("  PostgreSQL's counts for the soak's database over its whole life, per payment (background included): "
               + ", ".join(f"{k} {v:.2f}" for k, v in soak["per_payment"].items()))
 
@@ -154,3 +177,14 @@ def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict
     print("  the store's statements, one payment at a time: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
           + f"; before the answer: {steps['session read'] + steps['claim'] + steps['decide']:.3f}")
     print("  server settings: " + ", ".join(f"{k}={v}" for k, v in pg["settings"].items()))
+    one = next((c for c in summary["rates"] if c != "sqlite"), None)
+    if one is not None:
+        before_answer = steps["session read"] + steps["claim"] + steps["decide"]
+        lite_commits = 2 * lite["commit_ms"]["after_idle"]  # the key and the decision; the finish rides later
+        cpu = {c: summary["cpu_ms"][c]["sequential"] for c in ("sqlite", one)}
+        print(f"  so a sequential payment on {one} takes {sequential[one] - sequential['sqlite']:+.2f} ms: its store"
+              f" work before the answer {before_answer:.2f} ms vs SQLite's two commits {lite_commits:.2f} ms"
+              f" ({before_answer - lite_commits:+.2f}); CPU per payment on the same cores: the gateway"
+              f" {cpu[one]['gateways'] - cpu['sqlite']['gateways']:+.2f} ms, PostgreSQL's backends"
+              f" {cpu[one].get('postgres', 0):.2f} ms, the banks"
+              f" {cpu[one]['SBI'] + cpu[one]['HDFC'] - cpu['sqlite']['SBI'] - cpu['sqlite']['HDFC']:+.2f} ms")
