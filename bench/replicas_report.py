@@ -40,11 +40,15 @@ def summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         for c in pg[1:]:
             ratios.setdefault(f"{c} concurrent / {one} concurrent", []).append(r[c]["concurrent"] / r[one]["concurrent"])
     out["ratios"] = {name: _med(values) for name, values in ratios.items()}
-    out["trouble"] = [f"round {i + 1}, {c}: " + "; ".join([f"calls refused {v['errors']}"] * bool(v.get("errors"))
-                                                         + v.get("store_sessions_lost", []))
-                      for i, r in enumerate(rounds) for c, v in r.items()
-                      if v.get("errors") or v.get("store_sessions_lost")]
+    out["trouble"] = [f"round {i + 1}, {c}: " + "; ".join(_trouble(v)) for i, r in enumerate(rounds)
+                      for c, v in r.items() if _trouble(v)]
     return out
+
+
+def _trouble(measured: dict[str, Any]) -> list[str]:
+    """Calls refused in a configuration's windows, and its gateways' log lines about a lost store session."""
+    refused = [f"calls refused {measured['errors']}"] if measured.get("errors") else []
+    return refused + measured.get("store_sessions_lost", [])
 
 
 def round_line(row: dict[str, dict[str, Any]]) -> str:
