@@ -1,39 +1,44 @@
 """Why a sequential payment costs more on PostgreSQL than on SQLite: what the pieces of its store work cost.
 
-A sequential payment on PostgreSQL makes three round trips to the server before its answer — the session
-read, the claim (a durable commit: the key before the first bank), the decision (a durable commit: before
-Commit) — and a fourth after it (the finish, batched with others'). On SQLite the same steps are calls into
-a library in the gateway's own process. So measured here, on a fresh database of the server being benchmarked
-and a SQLite file set up as Strife's are (bench.ceiling.Journal: WAL, preallocated, synchronous=FULL):
+A payment's store work before its answer is the session read, the claim (a durable commit: the key before the
+first bank) and the decision (a durable commit: before Commit); the finish follows the answer (batched with
+others' in the gateway). On PostgreSQL each is a round trip to the server; on SQLite a call into a library in
+the gateway's own process, its commits made by a group committer on a thread. Measured here, the two stores
+side by side, one sample of each in turn so that whatever else the machine does weighs on both alike:
 
-- a round trip that does no work (`SELECT 1`);
-- one tiny durable commit (an INSERT in autocommit), one after another and after 3 ms idle — a sequential
-  payment leaves the disk idle between its commits, and on this VM an fsync after idle costs more;
-- the same with synchronous_commit off: what the WAL flush itself costs (not an option for a decision, which
-  must be durable before the banks hear of it);
-- the store's own statements (servers/gateway/store/postgres_sql.py), one payment after another with 3 ms
-  between them: the session read, the claim, the decision, the finish.
+- the real stores through the gateway's own interface (servers/gateway/store: `open_store`, the code the
+  gateway runs), one payment at a time with 3 ms idle before each, as a sequential payment leaves the disk
+  idle between its commits: each step's time, and the CPU the calling process used per payment (the
+  gateway's share) and, on PostgreSQL, the CPU of the server's backends;
+- one tiny durable commit (an INSERT in autocommit on PostgreSQL; bench.ceiling.Journal on SQLite: WAL,
+  preallocated, synchronous=FULL), one after another and after 3 ms idle (on this VM an fsync after idle
+  costs more), and the same without the flush — what the flush itself costs, though neither store may skip it
+  for a decision, which must be durable before the banks hear of it;
+- a round trip that does no work (`SELECT 1`).
 """
 from __future__ import annotations
 
 import asyncio
 import statistics
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from bench.ceiling import Journal
-from servers.gateway.store import postgres_sql as sql
+from bench.pg_observe import cpu_seconds
+from servers.gateway.store.interface import GatewayStore
+from servers.gateway.store.spec import open_store
 
-IDLE = 0.003  # seconds of idle disk before a "gapped" commit, ≈ what a sequential payment leaves between them
+IDLE = 0.003  # seconds of idle disk before each sample, ≈ what a sequential payment leaves between its commits
+STEPS = ("session read", "claim", "decide", "finish")
+
 
 @dataclass(frozen=True)
 class Counts:
     tight: int = 300     # commits (or round trips) one after another
     gapped: int = 100    # commits after IDLE each
-    payments: int = 200  # payments' worth of the store's statements
+    payments: int = 200  # payments through each store
 
 
 QUICK = Counts(60, 20, 40)
@@ -43,81 +48,103 @@ def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def _sqlite_commits(path: Path, sync: bool, n: Counts) -> dict[str, float]:
-    journal = Journal(path, sync)
-    body = b"x" * 64
-
-    def timed() -> float:
-        t = time.perf_counter()
-        journal.write(body)
-        return time.perf_counter() - t
-
-    tight = [timed() for _ in range(n.tight)]
-    gapped = []
-    for _ in range(n.gapped):
-        time.sleep(IDLE)  # the workload's shape (an idle disk), not a wait for anything
-        gapped.append(timed())
-    journal.db.close()
-    return {"tight": _median_ms(tight), "after_idle": _median_ms(gapped)}
-
-
 async def _timed(op: Callable[[], Awaitable[Any]]) -> float:
     t = time.perf_counter()
     await op()
     return time.perf_counter() - t
 
 
-async def _pg_commits(conn: Any, sync: bool, n: Counts) -> dict[str, float]:
-    await conn.execute(f"SET synchronous_commit = {'on' if sync else 'off'}")
-    insert = lambda: conn.execute("INSERT INTO bench_commits (body) VALUES ($1)", b"x" * 64)  # noqa: E731
-    tight = [await _timed(insert) for _ in range(n.tight)]
-    gapped = []
-    for _ in range(n.gapped):
-        time.sleep(IDLE)
-        gapped.append(await _timed(insert))
+async def _payment(store: GatewayStore, token: str, key: str) -> dict[str, float]:
+    """One payment's store work, as the gateway does it: each step's seconds, and this process's CPU."""
+    cpu = time.process_time()  # every thread of the process: the SQLite store commits on one of its own
+    took = {"session read": await _timed(lambda: store.resolve_session(token))}
+    t = time.perf_counter()
+    payment = (await store.claim("alice", key, "SBI-1001", "HDFC-2001", 1)).payment
+    took["claim"] = time.perf_counter() - t
+    took["decide"] = await _timed(lambda: store.decide(payment, True, "succeeded", "paid", b"response" * 8))
+    took["finish"] = await _timed(lambda: store.finish(payment))
+    took["cpu"] = time.process_time() - cpu
+    return took
+
+
+async def _stores(url: str, work: Path, n: Counts) -> dict[str, Any]:
+    import asyncpg
+
+    stores = {"sqlite": open_store("sqlite", work / "sqlite-store"), "postgres": open_store(url, work / "pg-store")}
+    for store in stores.values():
+        await store.start()
+    probe = await asyncpg.connect(url, timeout=10)
+    try:
+        backends = [pid for pid, in await probe.fetch("SELECT pid FROM pg_stat_activity WHERE datname ="
+                                                       " current_database() AND pid <> pg_backend_pid()")]
+        tokens = {name: (await store.create_session("alice", "credential", 3600.0))[0]
+                  for name, store in stores.items()}
+        for i in range(20):  # warm: connections, statement caches, the tables' first pages
+            for name, store in stores.items():
+                await _payment(store, tokens[name], f"warm-{i}")
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in stores}
+        backend_cpu = sum(map(cpu_seconds, backends))
+        for i in range(n.payments):
+            for name in (("sqlite", "postgres") if i % 2 else ("postgres", "sqlite")):
+                time.sleep(IDLE)  # the workload's shape (an idle disk), not a wait for anything
+                samples[name].append(await _payment(stores[name], tokens[name], f"k-{i}"))
+        backend_cpu = sum(map(cpu_seconds, backends)) - backend_cpu
+    finally:
+        await probe.close()
+        for store in stores.values():
+            await store.close()
+    out = {name: {step: _median_ms([s[step] for s in rows]) for step in STEPS} for name, rows in samples.items()}
+    for name, rows in samples.items():
+        out[name]["before the answer"] = _median_ms([s["session read"] + s["claim"] + s["decide"] for s in rows])
+        out[name]["caller cpu"] = sum(s["cpu"] for s in rows) * 1000 / len(rows)
+    out["postgres"]["server cpu"] = backend_cpu * 1000 / n.payments  # its backends' CPU (10 ms ticks)
+    return out
+
+
+async def _commits(conn: Any, journal: Journal, n: Counts) -> dict[str, dict[str, float]]:
+    """Tight and after-idle commits on both stores, in turn; with and without the flush."""
+    body = b"x" * 64
+    out: dict[str, dict[str, float]] = {}
+    for flush in (True, False):
+        await conn.execute(f"SET synchronous_commit = {'on' if flush else 'off'}")
+        journal.db.execute(f"PRAGMA synchronous={'FULL' if flush else 'OFF'}")
+        times: dict[str, list[float]] = {f"{store} {shape}": [] for store in ("postgres", "sqlite")
+                                         for shape in ("tight", "after idle")}
+        for shape, count, idle in (("tight", n.tight, 0.0), ("after idle", n.gapped, IDLE)):
+            for _ in range(count):
+                time.sleep(idle)
+                times[f"postgres {shape}"].append(await _timed(
+                    lambda: conn.execute("INSERT INTO bench_commits (body) VALUES ($1)", body)))
+                time.sleep(idle)
+                t = time.perf_counter()
+                journal.write(body)
+                times[f"sqlite {shape}"].append(time.perf_counter() - t)
+        for label, samples in times.items():
+            out.setdefault(label.split()[0], {})[f"{'flushed' if flush else 'unflushed'} {label.split(' ', 1)[1]}"] = \
+                _median_ms(samples)
     await conn.execute("SET synchronous_commit = on")
-    return {"tight": _median_ms(tight), "after_idle": _median_ms(gapped)}
+    return out
 
 
-async def _store_statements(conn: Any, n: Counts) -> dict[str, float]:
-    """The store's statements for one payment at a time (as postgres.py sends them), each step's median."""
-    user, token_hash = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    await conn.fetchval(sql.CREATE_SESSION, token_hash, user, "credential", 3600.0)
-    steps: dict[str, list[float]] = {"session read": [], "claim": [], "decide": [], "finish": []}
-    for i in range(n.payments):
-        key = f"k{i}"
-        time.sleep(IDLE)
-        steps["session read"].append(await _timed(lambda: conn.fetchrow(sql.RESOLVE_SESSION, token_hash)))
-        steps["claim"].append(await _timed(lambda: conn.fetch(
-            sql.CLAIM, user, key, "fp", 1, f"txn-{uuid.uuid4().hex}", "SBI-1001", "HDFC-2001", 1)))
-        steps["decide"].append(await _timed(lambda: conn.fetchval(
-            sql.DECIDE, user, key, 1, 1, "commit_decided", b"response" * 8, "succeeded", "paid")))
-        steps["finish"].append(await _timed(lambda: conn.fetch(sql.FINISH, [user], [key], [1], 1)))
-    return {step: _median_ms(samples) for step, samples in steps.items()}
-
-
-async def _pg(url: str, n: Counts) -> dict[str, Any]:
+async def _measure(url: str, work: Path, n: Counts) -> dict[str, Any]:
     import asyncpg
 
     conn = await asyncpg.connect(url, timeout=10, server_settings={"synchronous_commit": "on"})
+    journal = Journal(work / "commits.db", sync=True)
     try:
-        await sql.migrate(conn)
         await conn.execute("CREATE TABLE bench_commits (id bigserial PRIMARY KEY, body bytea)")
-        for _ in range(50):  # warm: the connection, the tables' first pages
-            await conn.execute("INSERT INTO bench_commits (body) VALUES ($1)", b"warm")
         round_trip = [await _timed(lambda: conn.fetchval("SELECT 1")) for _ in range(n.tight)]
-        return {"round_trip_ms": _median_ms(round_trip), "commit_ms": await _pg_commits(conn, True, n),
-                "commit_no_sync_ms": await _pg_commits(conn, False, n),
-                "statements_ms": await _store_statements(conn, n),
-                "settings": {name: await conn.fetchval(f"SHOW {name}") for name in
-                             ("wal_sync_method", "commit_delay", "full_page_writes", "synchronous_commit")}}
+        commits = await _commits(conn, journal, n)
+        settings = {name: await conn.fetchval(f"SHOW {name}") for name in
+                    ("wal_sync_method", "commit_delay", "full_page_writes", "synchronous_commit", "shared_buffers")}
     finally:
         await conn.close()
+        journal.db.close()
+    return {"round_trip_ms": _median_ms(round_trip), "commit_ms": commits, "settings": settings,
+            "stores_ms": await _stores(url, work, n)}
 
 
-def commit_costs(url: str, work: Path, counts: Counts = Counts()) -> dict[str, Any]:
+def store_costs(url: str, work: Path, counts: Counts = Counts()) -> dict[str, Any]:
     """Both stores' costs, medians in ms (`url`: a fresh database the caller drops)."""
     work.mkdir(parents=True, exist_ok=True)
-    return {"postgres": asyncio.run(_pg(url, counts)),
-            "sqlite": {"commit_ms": _sqlite_commits(work / "sync.db", True, counts),
-                       "commit_no_sync_ms": _sqlite_commits(work / "nosync.db", False, counts)}}
+    return asyncio.run(_measure(url, work, counts))

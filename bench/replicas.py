@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             soaked = soak(Path(tmp) / "soak", certs, admin, args.soak_payments, args.sample_every,
                           min(IDLE_SECONDS, args.seconds * 2)) if args.soak_payments else None
             with bench_database(admin) as url:
-                why = pg_why.commit_costs(url, Path(tmp) / "why", pg_why.QUICK if args.quick else pg_why.Counts())
+                why = pg_why.store_costs(url, Path(tmp) / "why", pg_why.QUICK if args.quick else pg_why.Counts())
     finally:
         admin.close()
     summary = replicas_report.summarise(rounds)

@@ -168,27 +168,35 @@ def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict
         print("  PostgreSQL's counts for the soak's database over its whole life, per payment (background included): "
               + ", ".join(f"{k} {v:.2f}" for k, v in soak["per_payment"].items()))
 
-    pg, lite = why["postgres"], why["sqlite"]
-    print("\nwhat the store's work costs (medians, ms): PostgreSQL on this server vs SQLite as Strife sets it up")
-    print(f"  round trip doing nothing (SELECT 1)             {pg['round_trip_ms']:>8.3f}  {'(none: in-process)':>20}")
-    for label, key in (("durable commit, one after another", "tight"), ("durable commit after 3 ms idle", "after_idle")):
-        print(f"  {label:<47} {pg['commit_ms'][key]:>8.3f}  {lite['commit_ms'][key]:>20.3f}")
-        print(f"  {'  the same without the flush (not for decisions)':<47} {pg['commit_no_sync_ms'][key]:>8.3f}"
-              f"  {lite['commit_no_sync_ms'][key]:>20.3f}")
+    print_why(summary, why)
+
+
+def print_why(summary: dict[str, Any], why: dict[str, Any]) -> None:
+    commits, stores = why["commit_ms"], why["stores_ms"]
+    print("\nwhat the store's work costs, PostgreSQL on this server vs SQLite as Strife sets it up, sampled in turn"
+          " (medians, ms)")
+    print(f"  {'':<52}{'PostgreSQL':>12}{'SQLite':>10}")
+    print(f"  {'a round trip doing nothing (SELECT 1)':<52}{why['round_trip_ms']:>12.3f}{'-':>10}")
+    for shape, label in (("flushed tight", "a durable commit, one after another"),
+                         ("flushed after idle", "a durable commit after 3 ms idle"),
+                         ("unflushed tight", "  the same without the flush, one after another"),
+                         ("unflushed after idle", "  the same without the flush, after 3 ms idle")):
+        print(f"  {label:<52}{commits['postgres'][shape]:>12.3f}{commits['sqlite'][shape]:>10.3f}")
+    print("  one payment at a time through the store (the gateway's code), 3 ms idle before each:")
+    for step in ("session read", "claim", "decide", "before the answer", "finish", "caller cpu"):
+        label = {"caller cpu": "CPU of the calling process (the gateway's share)"}.get(step, step)
+        print(f"    {label:<50}{stores['postgres'][step]:>12.3f}{stores['sqlite'][step]:>10.3f}")
+    print(f"    {'CPU of the PostgreSQL backends':<50}{stores['postgres']['server cpu']:>12.3f}{'-':>10}")
+    print("  server settings: " + ", ".join(f"{k}={v}" for k, v in why["settings"].items()))
     sequential = {c: 1000 / summary["rates"][c]["sequential"]["median"] for c in summary["rates"]}
-    print("  a sequential payment, from the median rates: " + ", ".join(f"{c} {ms:.2f}" for c, ms in sequential.items()))
-    steps = pg["statements_ms"]
-    print("  the store's statements, one payment at a time: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
-          + f"; before the answer: {steps['session read'] + steps['claim'] + steps['decide']:.3f}")
-    print("  server settings: " + ", ".join(f"{k}={v}" for k, v in pg["settings"].items()))
     one = next((c for c in summary["rates"] if c != "sqlite"), None)
-    if one is not None:
-        before_answer = steps["session read"] + steps["claim"] + steps["decide"]
-        lite_commits = 2 * lite["commit_ms"]["after_idle"]  # the key and the decision; the finish rides later
-        cpu = {c: summary["cpu_ms"][c]["sequential"] for c in ("sqlite", one)}
-        print(f"  so a sequential payment on {one} takes {sequential[one] - sequential['sqlite']:+.2f} ms: its store"
-              f" work before the answer {before_answer:.2f} ms vs SQLite's two commits {lite_commits:.2f} ms"
-              f" ({before_answer - lite_commits:+.2f}); CPU per payment on the same cores: the gateway"
-              f" {cpu[one]['gateways'] - cpu['sqlite']['gateways']:+.2f} ms, PostgreSQL's backends"
-              f" {cpu[one].get('postgres', 0):.2f} ms, the banks"
-              f" {cpu[one]['SBI'] + cpu[one]['HDFC'] - cpu['sqlite']['SBI'] - cpu['sqlite']['HDFC']:+.2f} ms")
+    if one is None:
+        return
+    cpu = {c: summary["cpu_ms"][c]["sequential"] for c in ("sqlite", one)}
+    store = {name: stores[name]["before the answer"] for name in ("postgres", "sqlite")}
+    print(f"  so: a sequential payment takes {sequential['sqlite']:.2f} ms on SQLite and {sequential[one]:.2f} ms on {one}"
+          f" ({sequential[one] - sequential['sqlite']:+.2f}); the store's work before the answer"
+          f" {store['postgres'] - store['sqlite']:+.2f} ms; CPU per payment on the same cores: the gateway"
+          f" {cpu[one]['gateways'] - cpu['sqlite']['gateways']:+.2f} ms, PostgreSQL's backends"
+          f" {cpu[one].get('postgres', 0):.2f} ms, the banks"
+          f" {cpu[one]['SBI'] + cpu[one]['HDFC'] - cpu['sqlite']['SBI'] - cpu['sqlite']['HDFC']:+.2f} ms")
