@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -121,9 +122,10 @@ def drive(call: Callable[[int, int], None], threads: int, *, seconds: float | No
             try:
                 call(w, i)
                 latencies[w].append(time.perf_counter() - t)
-            except grpc.RpcError as exc:
+            except Exception as exc:  # noqa: BLE001 - counted and reported; the client goes on, as a wallet would
+                kind = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
                 with lock:
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    errors[kind] = errors.get(kind, 0) + 1
             i += 1
 
     start = time.perf_counter()
@@ -201,18 +203,10 @@ def one_round(root: Path, certs: Path, admin: PgAdmin, replica_counts: list[int]
     order = configs[turn % len(configs):] + configs[:turn % len(configs)]  # each config leads once in a while
     results: dict[str, dict[str, Any]] = {}
     for label, replicas in order:
-        where = root / label.replace("×", "x")
-        if label == "sqlite":
-            setup = start_setup(where, certs, "sqlite", 1)
+        with nullcontext("sqlite") if label == "sqlite" else bench_database(admin) as store:
+            setup = start_setup(root / label.replace("×", "x"), certs, store, replicas)
             try:
-                results[label] = measure_setup(setup, meter_for(setup, None), seconds)
-            finally:
-                setup.cluster.stop()
-            continue
-        with bench_database(admin) as url:
-            setup = start_setup(where, certs, url, replicas)
-            try:
-                results[label] = measure_setup(setup, meter_for(setup, admin), seconds)
+                results[label] = measure_setup(setup, meter_for(setup, None if store == "sqlite" else admin), seconds)
             finally:
                 setup.cluster.stop()
     return {label: results[label] for label, _ in configs}

@@ -138,15 +138,7 @@ def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict
           + ", ".join(f"{c} {(os.cpu_count() or 1) * 1000 / sum(w['concurrent'].values()):.0f}/s"
                       for c, w in summary["cpu_ms"].items()))
 
-    one = next((c for c in summary["cpu_ms"] if c != "sqlite"), None)
-    if one is not None:
-        cpu = summary["cpu_ms"][one]["concurrent"]
-        print(f"\npaper estimate: N replicas on N machines, from {one}'s CPU per concurrent payment (gateway"
-              f" {cpu['gateways']:.2f} ms, banks {cpu['SBI']:.2f} / {cpu['HDFC']:.2f} ms, PostgreSQL"
-              f" {cpu['postgres']:.2f} ms): each replica and each bank on a machine of its own, one core each (one"
-              " event loop), PostgreSQL on 2 cores of its own, clients elsewhere and enough of them")
-        for n, rate, bottleneck in paper_estimate(cpu, 2):
-            print(f"  N = {n}: ≈ {rate:,.0f} payments/s, bound by {bottleneck}")
+    print_estimate(summary)
 
     if soak is not None:
         print(f"\nsoak: {soak['payments']:,} payments by 16 threads through 2 replicas on PostgreSQL at"
@@ -171,6 +163,29 @@ def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict
     print_why(summary, why)
 
 
+def print_estimate(summary: dict[str, Any], pg_cores: float = 2) -> None:
+    """From the CPU per concurrent payment of the fewest and of the most replicas measured: with more replicas
+    each batches less (its frames to the banks, its finishes carry fewer payments), so each costs more."""
+    pg = [c for c in summary["cpu_ms"] if c != "sqlite"]
+    if not pg:
+        return
+    print("\npaper estimate: N replicas on N machines — each replica and each bank on a machine of its own with one"
+          f" core each (one event loop), PostgreSQL on {pg_cores:g} cores of its own, the clients elsewhere and"
+          " enough of them; from the CPU per concurrent payment measured here")
+    estimates = {}
+    for c in dict.fromkeys((pg[0], pg[-1])):
+        cpu = summary["cpu_ms"][c]["concurrent"]
+        print(f"  {c}: gateway {cpu['gateways']:.2f} ms, banks {cpu['SBI']:.2f} / {cpu['HDFC']:.2f} ms, PostgreSQL"
+              f" {cpu['postgres']:.2f} ms per payment")
+        estimates[c] = paper_estimate(cpu, pg_cores)
+    _, *more = estimates
+    for row in zip(*estimates.values()):
+        (n, rate, bottleneck), *others = row
+        print(f"  N = {n}: ≈ {rate:,.0f}/s, bound by {bottleneck}" + "".join(
+            f"   [with {c}'s CPU (each replica batching less): ≈ {r:,.0f}/s, bound by {b}]"
+            for c, (_, r, b) in zip(more, others)))
+
+
 def print_why(summary: dict[str, Any], why: dict[str, Any]) -> None:
     commits, stores = why["commit_ms"], why["stores_ms"]
     print("\nwhat the store's work costs, PostgreSQL on this server vs SQLite as Strife sets it up, sampled in turn"
@@ -183,8 +198,10 @@ def print_why(summary: dict[str, Any], why: dict[str, Any]) -> None:
                          ("unflushed after idle", "  the same without the flush, after 3 ms idle")):
         print(f"  {label:<52}{commits['postgres'][shape]:>12.3f}{commits['sqlite'][shape]:>10.3f}")
     print("  one payment at a time through the store (the gateway's code), 3 ms idle before each:")
-    for step in ("session read", "claim", "decide", "before the answer", "finish", "caller cpu"):
-        label = {"caller cpu": "CPU of the calling process (the gateway's share)"}.get(step, step)
+    for step in ("session read", "claim", "decide", "before the answer", "finish", "caller cpu",
+                 "replay (session read + claim)"):
+        label = {"caller cpu": "CPU of the calling process (the gateway's share)",
+                 "replay (session read + claim)": "a replay of it: session read + claim"}.get(step, step)
         print(f"    {label:<50}{stores['postgres'][step]:>12.3f}{stores['sqlite'][step]:>10.3f}")
     print(f"    {'CPU of the PostgreSQL backends':<50}{stores['postgres']['server cpu']:>12.3f}{'-':>10}")
     print("  server settings: " + ", ".join(f"{k}={v}" for k, v in why["settings"].items()))
