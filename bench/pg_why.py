@@ -14,7 +14,7 @@ side by side, one sample of each in turn so that whatever else the machine does 
   preallocated, synchronous=FULL), one after another and after 3 ms idle (on this VM an fsync after idle
   costs more), and the same without the flush — what the flush itself costs, though neither store may skip it
   for a decision, which must be durable before the banks hear of it;
-- a round trip that does no work (`SELECT 1`).
+- a round trip that does no work (`SELECT 1`), one after another and after 3 ms idle.
 """
 from __future__ import annotations
 
@@ -140,13 +140,18 @@ async def _measure(url: str, work: Path, n: Counts) -> dict[str, Any]:
     try:
         await conn.execute("CREATE TABLE bench_commits (id bigserial PRIMARY KEY, body bytea)")
         round_trip = [await _timed(lambda: conn.fetchval("SELECT 1")) for _ in range(n.tight)]
+        after_idle = []
+        for _ in range(n.gapped):
+            time.sleep(IDLE)  # the server's backend has gone to sleep: the round trip wakes it
+            after_idle.append(await _timed(lambda: conn.fetchval("SELECT 1")))
         commits = await _commits(conn, journal, n)
         settings = {name: await conn.fetchval(f"SHOW {name}") for name in
                     ("wal_sync_method", "commit_delay", "full_page_writes", "synchronous_commit", "shared_buffers")}
     finally:
         await conn.close()
         journal.db.close()
-    return {"round_trip_ms": _median_ms(round_trip), "commit_ms": commits, "settings": settings,
+    return {"round_trip_ms": _median_ms(round_trip), "round_trip_after_idle_ms": _median_ms(after_idle),
+            "commit_ms": commits, "settings": settings,
             "stores_ms": await _stores(url, work, n)}
 
 

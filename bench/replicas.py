@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -39,8 +38,8 @@ from urllib.parse import urlsplit
 import grpc
 
 from bench import pg_why, replicas_report
-from bench.pg_observe import (CpuMeter, PgAdmin, backend_pids, bench_database, connections_by_replica, database_of, probe,
-                              server_port)
+from bench.pg_observe import (CpuMeter, PgAdmin, backend_pids, bench_database, connections_by_replica, database_of,
+                              probe, server_port)
 from bench.run import payment_caller, rss_mb
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
@@ -224,8 +223,9 @@ def soak(root: Path, certs: Path, admin: PgAdmin, payments: int, every: float, i
             done = threading.Event()
 
             def sample() -> None:
-                samples.append({"t": time.monotonic(), "sessions": connections_by_replica(
-                    admin, database_of(url), pids, server_port(url)), "rss_mb": {n: rss_mb(p) for n, p in pids.items()}})
+                sessions = connections_by_replica(admin, database_of(url), pids, server_port(url))
+                samples.append({"t": time.monotonic(), "sessions": sessions,
+                                "rss_mb": {n: rss_mb(p) for n, p in pids.items()}})
 
             def sampler() -> None:
                 while not done.wait(every):
@@ -351,10 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     check_arguments(parser, args)
     print(json.dumps(run(args), sort_keys=True, default=str))
     return 0
-
-
-def median_range(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
 
 
 if __name__ == "__main__":

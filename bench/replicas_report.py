@@ -31,14 +31,17 @@ def summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
             out[busy][c] = {w: statistics.median(r[c][busy][w] for r in rounds) for w in rounds[0][c][busy]}
     pg = [c for c in configs if c != "sqlite"]
     ratios: dict[str, list[float]] = {}
+
+    def ratio(r: dict[str, dict[str, Any]], a: str, measure: str, b: str, of: str) -> None:
+        ratios.setdefault(f"{a} {measure} / {b} {of}", []).append(r[a][measure] / r[b][of])
+
     for r in rounds:
-        one = pg[0]
-        ratios.setdefault(f"{one} sequential / sqlite sequential", []).append(r[one]["sequential"] / r["sqlite"]["sequential"])
-        ratios.setdefault(f"{one} concurrent / sqlite concurrent", []).append(r[one]["concurrent"] / r["sqlite"]["concurrent"])
+        ratio(r, pg[0], "sequential", "sqlite", "sequential")
+        ratio(r, pg[0], "concurrent", "sqlite", "concurrent")
         for c in configs:
-            ratios.setdefault(f"{c} replay / {c} sequential", []).append(r[c]["replay"] / r[c]["sequential"])
+            ratio(r, c, "replay", c, "sequential")
         for c in pg[1:]:
-            ratios.setdefault(f"{c} concurrent / {one} concurrent", []).append(r[c]["concurrent"] / r[one]["concurrent"])
+            ratio(r, c, "concurrent", pg[0], "concurrent")
     out["ratios"] = {name: _med(values) for name, values in ratios.items()}
     out["trouble"] = [f"round {i + 1}, {c}: " + "; ".join(_trouble(v)) for i, r in enumerate(rounds)
                       for c, v in r.items() if _trouble(v)]
@@ -52,8 +55,8 @@ def _trouble(measured: dict[str, Any]) -> list[str]:
 
 
 def round_line(row: dict[str, dict[str, Any]]) -> str:
-    line = "; ".join(f"{c} {v['sequential']:.0f} / {v['concurrent']:.0f} / {v['replay']:.0f}/s" for c, v in row.items()) \
-        + " (sequential / concurrent / replay)"
+    line = "; ".join(f"{c} {v['sequential']:.0f} / {v['concurrent']:.0f} / {v['replay']:.0f}/s"
+                     for c, v in row.items()) + " (sequential / concurrent / replay)"
     trouble = [f"{c}: refused {v['errors']}" for c, v in row.items() if v.get("errors")]
     trouble += [f"{c}: {len(v['store_sessions_lost'])} store session(s) lost" for c, v in row.items()
                 if v.get("store_sessions_lost")]
@@ -192,6 +195,7 @@ def print_why(summary: dict[str, Any], why: dict[str, Any]) -> None:
           " (medians, ms)")
     print(f"  {'':<52}{'PostgreSQL':>12}{'SQLite':>10}")
     print(f"  {'a round trip doing nothing (SELECT 1)':<52}{why['round_trip_ms']:>12.3f}{'-':>10}")
+    print(f"  {'  the same after 3 ms idle':<52}{why['round_trip_after_idle_ms']:>12.3f}{'-':>10}")
     for shape, label in (("flushed tight", "a durable commit, one after another"),
                          ("flushed after idle", "a durable commit after 3 ms idle"),
                          ("unflushed tight", "  the same without the flush, one after another"),
@@ -211,7 +215,8 @@ def print_why(summary: dict[str, Any], why: dict[str, Any]) -> None:
         return
     cpu = {c: summary["cpu_ms"][c]["sequential"] for c in ("sqlite", one)}
     store = {name: stores[name]["before the answer"] for name in ("postgres", "sqlite")}
-    print(f"  so: a sequential payment takes {sequential['sqlite']:.2f} ms on SQLite and {sequential[one]:.2f} ms on {one}"
+    print(f"  so: a sequential payment takes {sequential['sqlite']:.2f} ms on SQLite and {sequential[one]:.2f} ms on"
+          f" {one}"
           f" ({sequential[one] - sequential['sqlite']:+.2f}); the store's work before the answer"
           f" {store['postgres'] - store['sqlite']:+.2f} ms; CPU per payment on the same cores: the gateway"
           f" {cpu[one]['gateways'] - cpu['sqlite']['gateways']:+.2f} ms, PostgreSQL's backends"

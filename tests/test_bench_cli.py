@@ -120,8 +120,8 @@ def test_the_bare_contract_path_makes_every_durable_write_the_contract_orders(tm
     (replicas.main, ["--store", "postgresql://u@h/db", "--rounds", "0"], "--rounds must be ≥ 1"),
     (replicas.main, ["--store", "postgresql://u@h/db", "--soak-payments", "5"], "--soak-payments must be 0"),
 ])
-def test_bad_postgres_options_are_refused_before_anything_runs(main, argv, error, tmp_path: Path, capsys,  # type: ignore[no-untyped-def]
-                                                               monkeypatch) -> None:
+def test_bad_postgres_options_are_refused_before_anything_runs(  # type: ignore[no-untyped-def]
+        main, argv, error, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -130,8 +130,8 @@ def test_bad_postgres_options_are_refused_before_anything_runs(main, argv, error
 
 
 @pytest.mark.parametrize("main", [run.main, replicas.main])
-def test_an_unreachable_store_is_refused_at_once_and_its_password_never_shown(main, tmp_path: Path, capsys,  # type: ignore[no-untyped-def]
-                                                                             monkeypatch) -> None:
+def test_an_unreachable_store_is_refused_at_once_and_its_password_never_shown(  # type: ignore[no-untyped-def]
+        main, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     port = free_port()  # nobody listens there
     with pytest.raises(SystemExit) as exit_info:
@@ -142,12 +142,14 @@ def test_an_unreachable_store_is_refused_at_once_and_its_password_never_shown(ma
     assert SECRET not in err and not list(tmp_path.iterdir())
 
 
-def test_a_tiny_postgres_run_measures_every_part_and_drops_its_databases(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_tiny_postgres_run_measures_every_part_and_drops_its_databases(  # type: ignore[no-untyped-def]
+        capsys) -> None:
     require_postgres()
     url = admin_url()
     parts = urlsplit(url)
     if parts.password is None:  # a password the server ignores (trust) shows that none is ever printed
-        with_secret = urlunsplit(parts._replace(netloc=f"{parts.username}:{SECRET}@{parts.hostname}:{parts.port or 5432}"))
+        netloc = f"{parts.username}:{SECRET}@{parts.hostname}:{parts.port or 5432}"
+        with_secret = urlunsplit(parts._replace(netloc=netloc))
         url = with_secret if pg_observe.probe(with_secret) is None else url
     assert replicas.main(["--store", url, "--quick", "--seconds", "0.3", "--replicas", "2", "--soak-payments", "64",
                           "--sample-every", "0.2"]) == 0
