@@ -141,10 +141,17 @@ def drive(call: Callable[[int, int], None], threads: int, *, seconds: float | No
             "p50_ms": every[len(every) // 2] * 1000, "p99_ms": every[min(len(every) - 1, int(len(every) * .99))] * 1000}
 
 
-def store_sessions_lost(setup: Setup) -> list[str]:
-    """The gateways' own log lines saying they lost their store session (they refuse payments until back)."""
-    return [f"{name}: {line.strip()}" for name in setup.gateways
-            for line in setup.cluster.procs[name].log().splitlines() if "lost the store session" in line]
+def gateway_trouble(setup: Setup) -> list[str]:
+    """What the gateways' own logs say went wrong: every lost store session (the replica refuses payments
+    until it is back), and how many ERROR lines each logged, with the first of them."""
+    found = []
+    for name in setup.gateways:
+        lines = setup.cluster.procs[name].log().splitlines()
+        found += [f"{name}: {line.strip()}" for line in lines if "lost the store session" in line]
+        errors = [line.strip() for line in lines if " ERROR " in line]
+        if errors:
+            found.append(f"{name}: {len(errors)} ERROR line(s) in its log, the first: {errors[0]}")
+    return found
 
 
 def check_conserved(cluster: Cluster) -> None:
@@ -188,7 +195,7 @@ def measure_setup(setup: Setup, meter: CpuMeter, seconds: float) -> dict[str, An
         out["cpu_busy"][measure_name] = sum(used.values()) / capacity  # this cluster and its client
         out["machine_busy"][measure_name] = machine / capacity        # everything: also other people's work
     check_conserved(setup.cluster)
-    out["store_sessions_lost"] = store_sessions_lost(setup)
+    out["gateway_trouble"] = gateway_trouble(setup)
     return out
 
 
@@ -248,13 +255,13 @@ def soak(root: Path, certs: Path, admin: PgAdmin, payments: int, every: float, i
                 thread.join(30)
             sample()
             check_conserved(setup.cluster)
-            lost = store_sessions_lost(setup)
+            trouble = gateway_trouble(setup)
         finally:
             setup.cluster.stop()
         per_payment = transactions_per_payment(admin, database_of(url), payments)
     start, idle, loaded = samples[0]["t"], samples[0], samples[1:]  # the last one: all payments answered
     return {"payments": result["count"], "rate": result["rate"], "p99_ms": result["p99_ms"],
-            "errors": result["errors"], "store_sessions_lost": lost, "idle_cpu_ms_per_s": idle_cpu,
+            "errors": result["errors"], "gateway_trouble": trouble, "idle_cpu_ms_per_s": idle_cpu,
             "idle_seconds": idle_seconds,
             "samples": [{**s, "t": round(s["t"] - start, 2)} for s in samples],
             "sessions": {n: _trend(idle["sessions"][n], [s["sessions"][n] for s in loaded]) for n in pids},

@@ -49,17 +49,17 @@ def summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 
 def _trouble(measured: dict[str, Any]) -> list[str]:
-    """Calls refused in a configuration's windows, and its gateways' log lines about a lost store session."""
+    """Calls refused in a configuration's windows, and its gateways' lost store sessions and ERROR lines."""
     refused = [f"calls refused {measured['errors']}"] if measured.get("errors") else []
-    return refused + measured.get("store_sessions_lost", [])
+    return refused + measured.get("gateway_trouble", [])
 
 
 def round_line(row: dict[str, dict[str, Any]]) -> str:
     line = "; ".join(f"{c} {v['sequential']:.0f} / {v['concurrent']:.0f} / {v['replay']:.0f}/s"
                      for c, v in row.items()) + " (sequential / concurrent / replay)"
     trouble = [f"{c}: refused {v['errors']}" for c, v in row.items() if v.get("errors")]
-    trouble += [f"{c}: {len(v['store_sessions_lost'])} store session(s) lost" for c, v in row.items()
-                if v.get("store_sessions_lost")]
+    trouble += [f"{c}: {len(v['gateway_trouble'])} trouble line(s) from its gateways" for c, v in row.items()
+                if v.get("gateway_trouble")]
     return line + (f" — {'; '.join(trouble)}" if trouble else "")
 
 
@@ -115,7 +115,7 @@ def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict
         print(f"{c:<14}{_span(r['sequential']):>18}{_span(r['concurrent']):>26}{_span(r['replay']):>20}"
               f"{r['sequential_p50_ms']['median']:>13.1f} / {r['sequential_p99_ms']['median']:.1f}")
     if summary["trouble"]:
-        print("calls refused, and gateways that lost their store session (their own log lines):")
+        print("calls refused, and what the gateways logged: lost store sessions, ERROR lines:")
         for line in summary["trouble"]:
             print(f"  {line}")
     print("\ntargets (each: the median [range] of the rounds' own ratios)")
@@ -158,7 +158,7 @@ def print_report(summary: dict[str, Any], soak: dict[str, Any] | None, why: dict
         print(f"  with no payments ({soak['idle_seconds']:g} s before the load: completer passes, liveness checks),"
               " ms of CPU per second: " + ", ".join(f"{role} {idle[role]:.1f}" for role in ROLES if role in idle)
               + f"; the whole machine {idle['machine']:.0f}")
-        for line in ([f"calls refused: {soak['errors']}"] if soak["errors"] else []) + soak["store_sessions_lost"]:
+        for line in ([f"calls refused: {soak['errors']}"] if soak["errors"] else []) + soak["gateway_trouble"]:
             print(f"  {line}")
         print("  PostgreSQL's counts for the soak's database over its whole life, per payment (background included): "
               + ", ".join(f"{k} {v:.2f}" for k, v in soak["per_payment"].items()))

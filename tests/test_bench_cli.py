@@ -199,11 +199,11 @@ def test_a_target_is_judged_by_each_rounds_own_ratio() -> None:
     assert summary["trouble"] == []
 
     lost = "gateway2: ... lost the store session of owner 7 (liveness check failed: TimeoutError)"
-    rounds[1]["pg×2"] |= {"store_sessions_lost": [lost], "errors": {"concurrent": {"UNAVAILABLE": 3}}}
-    rounds[0]["pg×1"] |= {"store_sessions_lost": [lost]}
+    rounds[1]["pg×2"] |= {"gateway_trouble": [lost], "errors": {"concurrent": {"UNAVAILABLE": 3}}}
+    rounds[0]["pg×1"] |= {"gateway_trouble": [lost]}
     assert replicas_report.summarise(rounds)["trouble"] == [
         f"round 1, pg×1: {lost}", f"round 2, pg×2: calls refused {{'concurrent': {{'UNAVAILABLE': 3}}}}; {lost}"]
-    assert "pg×2: 1 store session(s) lost" in replicas_report.round_line(rounds[1])
+    assert "pg×2: 1 trouble line(s) from its gateways" in replicas_report.round_line(rounds[1])
 
 
 def test_the_paper_estimate_names_the_resource_that_binds_first() -> None:
