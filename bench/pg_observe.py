@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from bench.metrics_cost import cpu_seconds as process_cpu_seconds
+from bench.process_stats import cpu_seconds as process_cpu_seconds
+from bench.process_stats import machine_busy_seconds
 from servers.gateway.store.url import mask_url, scrub, with_database
 
 DATABASE_PREFIX = "strife_bench_"
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -147,13 +147,6 @@ def connections_by_replica(admin: PgAdmin, database: str, replicas: dict[str, in
                                     " AND backend_type = 'client backend'", database):  # not autovacuum
         counts[owner.get(client_port, "other")] += 1
     return counts
-
-
-def machine_busy_seconds() -> float:
-    """CPU time every process on the machine has used (all cores; not idle, not waiting on I/O)."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (
-        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / _TICKS
 
 
 class CpuMeter:

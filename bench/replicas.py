@@ -40,8 +40,8 @@ import grpc
 from bench import pg_why, replicas_report
 from bench.pg_observe import (CpuMeter, PgAdmin, backend_pids, bench_database, connections_by_replica, database_of,
                               probe, server_port)
-from bench.run import payment_caller, rss_mb
-from protofiles import payment_pb2 as pb
+from bench.calls import payment_caller, replay_one_key
+from bench.process_stats import rss_mb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import OPENING_TOTAL, Client, Cluster, free_port, make_certs, wait_until
 
@@ -92,15 +92,6 @@ def spread(setup: Setup, make: Callable[[Client], Callable[[int, int], None]]) -
     """Call i of client thread w goes to replica (w + i) mod N: every thread uses every replica in turn."""
     calls = [make(client) for client in setup.clients]
     return lambda w, i: calls[(w + i) % len(calls)](w, i)
-
-
-def replayer(client: Client, key: str) -> Callable[[int, int], None]:
-    request = pb.PaymentRequest(from_account="SBI-1001", to_account="HDFC-2001", amount=0.01)
-
-    def call(_w: int, _i: int) -> None:
-        if not client.stub.ProcessPayment(request, metadata=client.md(key), timeout=30).replayed:
-            raise RuntimeError(f"key {key} was not replayed")
-    return call
 
 
 def drive(call: Callable[[int, int], None], threads: int, *, seconds: float | None = None,
@@ -179,7 +170,7 @@ def measure_setup(setup: Setup, meter: CpuMeter, seconds: float) -> dict[str, An
     setup.clients[0].pay(key, "SBI-1001", "HDFC-2001", 0.01)
     windows = {"sequential": (spread(setup, lambda c: payment_caller(c.stub, c.token, "seq")), 1),
                "concurrent": (spread(setup, lambda c: payment_caller(c.stub, c.token, "conc")), THREADS),
-               "replay": (spread(setup, lambda c: replayer(c, key)), 1)}
+               "replay": (spread(setup, lambda c: replay_one_key(c.stub, c.token, key)), 1)}
     out: dict[str, Any] = {"cpu_ms": {}, "cpu_busy": {}, "machine_busy": {}}
     for measure_name, (call, threads) in windows.items():
         before = meter.read()

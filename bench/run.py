@@ -28,16 +28,11 @@ from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import Cluster, free_port, health_ok, make_certs, wait_until
 
+from bench.calls import payment_caller
 from bench.ceiling import sequential_rate as bare_contract_rate
+from bench.process_stats import rss_mb
 from bench.starter import DEFAULT_STARTER, Starter
 from bench.wallet import drain_rate, startup_seconds
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure(call: Callable[[int, int], None], total: int, threads: int = 1) -> dict[str, float]:
@@ -83,19 +78,6 @@ def floor_rate(certs: Path, n: int) -> float:
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def payment_caller(stub: pbg.PaymentGatewayStub, token: str | None, tag: str) -> Callable[[int, int], None]:
-    auth = [("authorization", f"Bearer {token}")] if token else []
-
-    def call(w: int, i: int) -> None:
-        key = f"{tag}-{w}-{i}"
-        response = stub.ProcessPayment(pb.PaymentRequest(transaction_id=key, from_account="SBI-1001",
-                                                         to_account="HDFC-2001", amount=0.01),
-                                       metadata=auth, timeout=30)
-        if not response.success:
-            raise RuntimeError(f"payment {key} failed: {response.message}")
-    return call
 
 
 def seed_finished_keys(db_path: Path, user: str, count: int, prefix: str) -> None:
