@@ -12,7 +12,8 @@ one on PostgreSQL per replica count (two banks and N gateways on one fresh datab
 `--seconds` per measure — sequential payments (one client thread), concurrent payments (16 client threads)
 and replays of one key (one thread), every client spreading its calls round robin over the replicas — with
 the CPU time each process used (/proc: the client, the gateways, each bank, and the PostgreSQL backends
-serving that database). Money is checked conserved on every cluster. A target is judged by the median of
+serving that database). The gateways run their completer at its default interval. Money is checked
+conserved on every cluster, and whatever the gateways logged as an ERROR or a lost store session is shown. A target is judged by the median of
 the rounds' ratios (two measurements a minute apart), shown with their range.
 
 Then the soak: `--soak-payments` payments by 16 threads through 2 replicas on PostgreSQL, sampling every
