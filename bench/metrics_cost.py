@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -27,20 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from bench.run import payment_caller
+from bench.calls import payment_caller
+from bench.process_stats import cpu_seconds
 from tests.harness import OPENING_TOTAL, Cluster, make_certs, wait_until
 
 CONCURRENT_THREADS = 16
 MEASURES = ("sequential", "concurrent", "cpu_ms_per_payment")
 MODES = ("off", "on")
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime: fields 14 and 15 of stat(5)
-
 
 def pay_until(call: Callable[[int, int], None], deadline: float, threads: int) -> int:
     """Call `call(worker, i)` from `threads` threads until `deadline` (time.monotonic()); how many calls."""

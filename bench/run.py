@@ -1,6 +1,10 @@
 """Strife benchmark: real servers in a temp sandbox, the starter code side by side, one table and a JSON line.
 
     python -m bench.run [--starter ../shared/baseline-starter] [--payments 2000] [--quick] [--repeat N]
+                        [--store postgresql://USER@HOST:PORT/DB [--rounds 5] [--replicas 1,2,3] ...]
+
+With --store (an admin URL), the PostgreSQL store and gateway replicas are measured after the table, beside
+the SQLite store again (bench/replicas.py; `python -m bench.replicas` runs that part alone).
 """
 from __future__ import annotations
 
@@ -24,16 +28,11 @@ from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import Cluster, free_port, health_ok, make_certs, wait_until
 
+from bench.calls import payment_caller
 from bench.ceiling import sequential_rate as bare_contract_rate
+from bench.process_stats import rss_mb
 from bench.starter import DEFAULT_STARTER, Starter
 from bench.wallet import drain_rate, startup_seconds
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure(call: Callable[[int, int], None], total: int, threads: int = 1) -> dict[str, float]:
@@ -79,19 +78,6 @@ def floor_rate(certs: Path, n: int) -> float:
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def payment_caller(stub: pbg.PaymentGatewayStub, token: str | None, tag: str) -> Callable[[int, int], None]:
-    auth = [("authorization", f"Bearer {token}")] if token else []
-
-    def call(w: int, i: int) -> None:
-        key = f"{tag}-{w}-{i}"
-        response = stub.ProcessPayment(pb.PaymentRequest(transaction_id=key, from_account="SBI-1001",
-                                                         to_account="HDFC-2001", amount=0.01),
-                                       metadata=auth, timeout=30)
-        if not response.success:
-            raise RuntimeError(f"payment {key} failed: {response.message}")
-    return call
 
 
 def seed_finished_keys(db_path: Path, user: str, count: int, prefix: str) -> None:
@@ -190,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run everything N times and report each measure's median (a small VM swings ±25 %%"
                              " from run to run)")
+    from bench import replicas  # here, not above: it builds on this module
+    replicas.add_arguments(parser, store_required=False)
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -200,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         starter_dir = find_starter(args.starter)
     except ValueError as exc:
         parser.error(str(exc))
+    replicas.check_arguments(parser, args)  # a bad --store or an unreachable server: refused before anything runs
     if starter_dir is None:
         print(f"bench: no starter code at {DEFAULT_STARTER}: its column stays empty and no ratio to it is shown;"
               " pass --starter DIR (the starter is shared/baseline-starter in the Strife workspace)",
@@ -217,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat > 1:
         print(f"medians of {args.repeat} runs (each ratio below is of medians):")
     print_table(strife, starter)
-    print(json.dumps({"strife": strife, "starter": starter, **({"runs": [{"strife": a, "starter": b} for a, b in runs]}
-                                                               if args.repeat > 1 else {})}, sort_keys=True))
+    postgres = {"postgres": replicas.run(args)} if args.store else {}
+    print(json.dumps({"strife": strife, "starter": starter, **postgres,
+                      **({"runs": [{"strife": a, "starter": b} for a, b in runs]} if args.repeat > 1 else {})},
+                     sort_keys=True, default=str))
     return 0
 
 
