@@ -250,6 +250,8 @@ class Coordinator:
             for payment in work:
                 if self._stop.is_set() or not self.store.is_live():
                     break
+                if payment.id in self._delivering:
+                    continue  # a request has been pushing it since this pass began
                 try:
                     done += await self._complete(payment)
                 except LostOwnership as exc:
@@ -265,8 +267,12 @@ class Coordinator:
         return done
 
     async def _own_stuck(self) -> list[Payment]:
+        # Those a request was delivering when the query started are left out too: the query's snapshot may be
+        # older than a finish that lands (and leaves `_delivering`) while it runs — found by bench.replicas: the
+        # completer re-sent such decisions, and on PostgreSQL its finish then failed the fence.
+        delivering = set(self._delivering)
         return [p for p in await self.store.owned_unfinished()
-                if p.recovery_point is not Point.STARTED and p.id not in self._delivering]
+                if p.recovery_point is not Point.STARTED and p.id not in delivering | self._delivering]
 
     async def recover_at_start(self) -> int:
         """Before serving: decide ABORT, durably, for every undecided payment a dead gateway left, so that no
