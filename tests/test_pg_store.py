@@ -21,7 +21,7 @@ import pytest
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.pg_connection import PostgresOptions
 from servers.gateway.store.postgres import PostgresStore
-from servers.gateway.store.postgres_sql import FINISH, MIGRATION_LOCK, OWNER_LOCK_SPACE, migrations
+from servers.gateway.store.postgres_sql import END_OLD_IDENTITY, FINISH, MIGRATION_LOCK, OWNER_LOCK_SPACE, migrations
 from servers.gateway.store.records import ClaimKind, LostOwnership, Payment, Point
 from tests.harness import Proc
 from tests.pg_support import eventually
@@ -61,8 +61,11 @@ THIS_DATABASE = "database = (SELECT oid FROM pg_database WHERE datname = current
 
 
 async def lock_holder(url: str, owner: int) -> int | None:
+    """The session holding `owner`'s liveness lock (exclusive: a replica probing it holds a shared one for an
+    instant, and that connection is not the one to end — a test did, once, in CI)."""
     rows = await fetch(url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND objid = $2"
-                            f" AND objsubid = 2 AND granted AND {THIS_DATABASE}", OWNER_LOCK_SPACE, owner)
+                            f" AND objsubid = 2 AND mode = 'ExclusiveLock' AND granted AND {THIS_DATABASE}",
+                       OWNER_LOCK_SPACE, owner)
     return rows[0]["pid"] if rows else None
 
 
@@ -367,3 +370,31 @@ async def test_sessions_are_shared_by_replicas_expire_by_the_store_clock_and_are
 
 async def _expired(store: PostgresStore, token: str) -> bool:
     return await store.resolve_session(token) is None
+
+
+async def test_ending_an_old_identity_ends_its_session_and_never_a_replica_probing_it(postgres_url: str) -> None:
+    """Found in CI: a replica back from a lost session ends its old one, found by the owner lock it holds. A
+    survivor that had just found that owner dead was holding the same key (its probe's shared lock, while it took
+    the payments over) — and its connection was ended too, failing the take-over."""
+    owner = 41
+    holder, prober, ender = [await asyncpg.connect(postgres_url) for _ in range(3)]
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", OWNER_LOCK_SPACE, owner)  # a half-open old session
+        ended = await ender.fetch(END_OLD_IDENTITY, owner)
+        assert [r[0] for r in ended] == [True]  # the old session is ended...
+        await eventually(lambda: _ping_fails(holder), 5, message="the old session to end")
+        async with prober.transaction():  # ...then a survivor's probe finds the owner dead and holds the key
+            assert await prober.fetchval("SELECT pg_try_advisory_xact_lock_shared($1, $2)", OWNER_LOCK_SPACE, owner)
+            assert await ender.fetch(END_OLD_IDENTITY, owner) == []  # asked again: nothing to end
+            assert await prober.fetchval("SELECT 1") == 1  # the survivor's connection lives on
+    finally:
+        for conn in (holder, prober, ender):
+            conn.terminate()
+
+
+async def _ping_fails(conn: asyncpg.Connection) -> bool:
+    try:
+        await conn.fetchval("SELECT 1", timeout=1)
+    except Exception:  # noqa: BLE001 - any failure (terminated, reset, asyncpg's confused protocol state) will do
+        return True
+    return False

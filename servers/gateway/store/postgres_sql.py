@@ -81,11 +81,13 @@ TAKE_IDENTITY = (f"SELECT n, pg_try_advisory_lock({OWNER_LOCK_SPACE}, n), pg_bac
                  " FROM (SELECT nextval('owner_numbers')::integer AS n) AS fresh")
 # After a lost session: end the old one if the server still has it (a false alarm, or a half-open socket), so
 # its payments are free for take-over now rather than once TCP keepalives give up. Found by the lock it holds,
-# never by a pid alone (a pid may have been reused by another session).
+# never by a pid alone (a pid may have been reused by another session) — and by its mode: the owner's session
+# lock is exclusive, while another replica probing that owner's liveness holds a shared one for an instant, and
+# its connection must not be ended with it.
 END_OLD_IDENTITY = (f"SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
                     f" AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
                     f" AND classid = {OWNER_LOCK_SPACE}::oid AND objid = $1::integer::oid AND objsubid = 2"
-                    " AND granted AND pid <> pg_backend_pid()")
+                    " AND mode = 'ExclusiveLock' AND granted AND pid <> pg_backend_pid()")
 PING = "SELECT 1"
 
 # ---- the payment's life -----------------------------------------------------------------------------------------
