@@ -174,9 +174,9 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
 async def bearer_token(context: grpc.aio.ServicerContext) -> str:
     """The token of the call's `authorization: Bearer <token>` metadata; aborts UNAUTHENTICATED without one."""
     header = ""
-    for key, value in context.invocation_metadata() or ():
+    for key, given in context.invocation_metadata() or ():
         if key == "authorization":
-            header = value if isinstance(value, str) else ""
+            header = given if isinstance(given, str) else ""
             break
     scheme, _, token = header.partition(" ")
     if not header:

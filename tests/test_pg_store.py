@@ -18,7 +18,6 @@ from typing import Any, AsyncIterator
 import asyncpg
 import pytest
 
-from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.pg_connection import PostgresOptions
 from servers.gateway.store.postgres import PostgresStore
 from servers.gateway.store.postgres_sql import END_OLD_IDENTITY, FINISH, MIGRATION_LOCK, OWNER_LOCK_SPACE, migrations

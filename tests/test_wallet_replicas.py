@@ -22,9 +22,9 @@ from tests.wallet_support import Toasts, history_statuses, login, pay, pending_c
 from wallet_tui.app import make_app
 from wallet_tui.core import WalletCore
 from wallet_tui.gateway import GrpcGateway
-from wallet_tui.replicas import channel_target, failover_pause, parse_gateways
+from wallet_tui.replicas import channel_target, failover_pause
 from wallet_tui.settings import parse_args
-from wallet_tui.sync import Deferred, Event, Finished, WentOffline
+from wallet_tui.sync import Event, Finished, WentOffline
 
 MakeCluster = Callable[..., Cluster]
 TXN_TIMEOUT = 5.0  # these tests are about replicas, not slow banks: a loaded machine must not fail a payment
