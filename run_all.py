@@ -139,6 +139,7 @@ class Server:
     def start(self) -> None:
         """Start (or, for the supervisor, start again) the process; its output is appended to its log."""
         with open(self.log_path, "ab") as log:
+            self.log_start = log.tell()  # what this run writes starts here: earlier runs' lines are not its story
             # A session of its own: Ctrl+C typed in the wallet must not reach the servers; we stop them.
             self.proc = subprocess.Popen([sys.executable, "-m", *self.args], cwd=HERE, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -154,8 +155,11 @@ class Server:
                 self.proc.wait(5)
 
     def last_lines(self, n: int = 5) -> str:
+        """The last lines this process (since its latest start) wrote to its log."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            with open(self.log_path, "rb") as log:
+                log.seek(self.log_start)
+                return "\n".join(log.read().decode(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
 

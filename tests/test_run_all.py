@@ -65,6 +65,9 @@ def test_run_all_servers_only_starts_everything_and_sigterm_stops_everything(tmp
 
 def test_run_all_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
     config = tmp_path / "config"
+    earlier = tmp_path / "data" / "logs" / "bank_HDFC.log"  # logs are appended to from run to run
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("2026-01-01 00:00:00,000 bank HDFC INFO an earlier run's last words\n")
     with socket.socket() as squatter:  # another program already holds HDFC's port
         squatter.bind(("0.0.0.0", 0))
         squatter.listen()
@@ -76,6 +79,7 @@ def test_run_all_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
                                 timeout=60)
     assert result.returncode != 0
     assert "cannot start" in result.stderr and "port" in result.stderr
+    assert "earlier run" not in result.stderr  # the report quotes this run's lines only
     wait_until(lambda: _processes_mentioning(str(tmp_path / "data")) == [], 10, message="no server left running")
 
 
