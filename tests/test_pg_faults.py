@@ -17,6 +17,7 @@ import pytest
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.pg_connection import PostgresOptions
 from servers.gateway.store.postgres import PostgresStore
+from servers.gateway.store.spec import check_spec
 from servers.gateway.store.url import mask_url, scrub
 from servers.gateway.store.records import ClaimKind
 from tests.harness import free_port
@@ -264,3 +265,12 @@ def test_scrub_takes_the_password_out_of_any_text() -> None:
     url = "postgresql://u:p%40ss@h/db"
     text = f"could not connect to {url} with password p@ss (p%40ss)"
     assert scrub(text, url) == "could not connect to postgresql://u:***@h/db with password *** (***)"
+
+
+@pytest.mark.parametrize("port", ["notaport", "99999", "-1"])
+def test_a_store_url_whose_port_is_not_a_port_is_refused_before_any_connection(port: str) -> None:
+    url = f"postgresql://strife:p@db.example:{port}/payments"  # a one-letter password: nothing else is starred
+    with pytest.raises(ValueError) as refused:
+        check_spec(url)
+    assert str(refused.value) == (f"the port in the store URL postgresql://strife:***@db.example:{port}/payments "
+                                  "must be a number from 1 to 65535")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from servers.gateway.store.interface import GatewayStore
+from servers.gateway.store.url import mask_url
 
 SQLITE = "sqlite"
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -12,7 +14,13 @@ _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 def check_spec(spec: str) -> str:
     """`sqlite` or a PostgreSQL URL (CONTRACT §9); ValueError (naming no password) for anything else."""
     spec = spec.strip()
-    if spec == SQLITE or spec.startswith(_POSTGRES_SCHEMES):
+    if spec == SQLITE:
+        return spec
+    if spec.startswith(_POSTGRES_SCHEMES):
+        try:
+            urlsplit(spec).port  # a port that is not a number from 0 to 65535 raises here, before any connection
+        except ValueError:
+            raise ValueError(f"the port in the store URL {mask_url(spec)} must be a number from 1 to 65535") from None
         return spec
     # Never the value itself if it could hold a password (user:secret@host).
     shown = spec.split("://", 1)[0] + "://…" if "://" in spec else ("a value with '@'" if "@" in spec else repr(spec))
