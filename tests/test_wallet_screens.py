@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
+from textual import events
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from tests.wallet_support import FakeGateway, Toasts, fake_app, login, pay, wait_for
+from tests.wallet_support import FakeGateway, Toasts, fake_app, login, pay, screen_name, wait_for
 
 SIZE = (120, 36)
 
@@ -47,6 +48,31 @@ async def test_payment_made_online_is_sent_at_once_without_a_health_check(tmp_pa
         assert gateway.health_calls == checks and len(gateway.paid) == 1
         key = gateway.paid[0][0]
         assert app.core.outbox.get(key).status == "succeeded"   # the key sent is the one in the outbox
+
+
+@pytest.mark.parametrize("between", ["tab", "enter"])
+async def test_a_login_typed_all_at_once_lands_in_the_right_fields(tmp_path: Path, between: str) -> None:
+    """A password manager's auto-type (or a paste) delivers "user<Tab>password<Enter>" faster than the screen
+    reacts: every key must still land where it would have, typed one by one."""
+    gateway = FakeGateway()
+    app = fake_app(tmp_path, gateway)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: screen_name(app) == "LoginScreen", message="the login screen")
+        typed = [*"alice", between, *"alice123", "enter"]
+        for key in typed:  # all queued before the app handles the first
+            app.post_message(events.Key(key, key if len(key) == 1 else None))
+        await wait_for(pilot, lambda: screen_name(app) == "MainScreen", message="logged in")
+        assert app.core.session is not None and app.core.session.username == "alice"
+
+
+async def test_shift_tab_goes_back_to_the_username(tmp_path: Path) -> None:
+    app = fake_app(tmp_path, FakeGateway())
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: screen_name(app) == "LoginScreen", message="the login screen")
+        await pilot.press(*"bob", "tab", *"x", "shift+tab")
+        assert app.focused is app.screen.query_one("#username", Input)
+        await pilot.press("end", *"by")
+        assert {i.id: i.value for i in app.screen.query(Input)} == {"username": "bobby", "password": "x"}
 
 
 def _no_blink(pilot: Pilot) -> None:
