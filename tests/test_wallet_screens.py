@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from textual import events
 from textual.pilot import Pilot
-from textual.widgets import Input
+from textual.widgets import Input, Select
 
 from tests.wallet_support import FakeGateway, Toasts, fake_app, login, pay, screen_name, wait_for
 
@@ -63,6 +63,37 @@ async def test_a_login_typed_all_at_once_lands_in_the_right_fields(tmp_path: Pat
             app.post_message(events.Key(key, key if len(key) == 1 else None))
         await wait_for(pilot, lambda: screen_name(app) == "MainScreen", message="logged in")
         assert app.core.session is not None and app.core.session.username == "alice"
+
+
+@pytest.mark.parametrize("between", ["tab", "enter"])
+async def test_a_payment_typed_all_at_once_pays_the_account_typed(tmp_path: Path, between: str) -> None:
+    gateway = FakeGateway()
+    toasts = Toasts()
+    app = fake_app(tmp_path, gateway)
+    async with app.run_test(size=SIZE, message_hook=toasts) as pilot:
+        await login(pilot, "alice", "alice123")
+        app.screen.query_one("#history").focus()  # somewhere else: ctrl+n must bring the keys after it along
+        await pilot.pause()
+        for key in ["ctrl+n", *"HDFC-2001", between, *"12.50", "enter"]:
+            app.post_message(events.Key(key, key if len(key) == 1 else None))
+        await wait_for(pilot, lambda: toasts.titled("Payment sent"), message="sent")
+    assert [(to, paise) for _key, _from, to, paise in gateway.paid] == [("HDFC-2001", 1250)]
+
+
+async def test_enter_on_the_from_list_still_opens_it(tmp_path: Path) -> None:
+    app = fake_app(tmp_path, FakeGateway())
+    async with app.run_test(size=SIZE) as pilot:
+        await login(pilot, "alice", "alice123")
+        select = app.screen.query_one("#from-account", Select)
+        select.focus()
+        await pilot.pause()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: select.expanded, message="the list open")
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: not select.expanded, message="the list closed")
+        assert select.value == "HDFC-2002"
+        await pilot.press("tab")
+        assert app.focused is app.screen.query_one("#to-account", Input)
 
 
 async def test_shift_tab_goes_back_to_the_username(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from wallet_tui.widgets.tables import BalancesTable, HistoryTable, PendingTable
 
 class MainScreen(Screen):
     BINDINGS = [
-        Binding("ctrl+n", "pay", "Pay", tooltip="Go to the payment form"),
+        Binding("ctrl+n", "pay", "Pay", tooltip="Go to the payment form", priority=True),
         Binding("ctrl+r", "refresh", "Refresh", tooltip="Reload balances and history now"),
         Binding("ctrl+o", "toggle_offline", "Offline mode", tooltip="Queue every payment until turned off"),
         Binding("ctrl+l", "logout", "Log out"),
@@ -222,7 +222,7 @@ class MainScreen(Screen):
 
     # ---- actions -------------------------------------------------------------------------------------------
     def action_pay(self) -> None:
-        self.query_one("#to-account").focus()
+        self.set_focus(self.query_one("#to-account"))  # at once: keys typed right after ctrl+n belong there
 
     def action_refresh(self) -> None:
         self.load_data()
