@@ -17,6 +17,7 @@ import pytest
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.pg_connection import PostgresOptions
 from servers.gateway.store.postgres import PostgresStore
+from servers.gateway.store.postgres_sql import migrations
 from servers.gateway.store.spec import check_spec
 from servers.gateway.store.url import mask_url, scrub
 from servers.gateway.store.records import ClaimKind
@@ -274,3 +275,14 @@ def test_a_store_url_whose_port_is_not_a_port_is_refused_before_any_connection(p
         check_spec(url)
     assert str(refused.value) == (f"the port in the store URL postgresql://strife:***@db.example:{port}/payments "
                                   "must be a number from 1 to 65535")
+
+
+async def test_a_schema_migrated_by_a_newer_gateway_is_refused_at_start(postgres_url: str) -> None:
+    async with replica(postgres_url):
+        pass
+    newest = len(migrations())
+    await fetch(postgres_url, "INSERT INTO schema_migrations (version, name) VALUES ($1, 'from the future')", newest + 1)
+    with pytest.raises(StoreUnavailable) as refused:
+        await PostgresStore(postgres_url, FAST).start()
+    assert f"its schema is at version {newest + 1}, newer than this gateway knows ({newest})" in str(refused.value)
+    assert "\n" not in str(refused.value)

@@ -139,8 +139,8 @@ class PostgresStore:
             await self.close()
             if isinstance(exc, StoreUnavailable) or not isinstance(exc, Exception):
                 raise
-            raise StoreUnavailable(f"cannot use the payment store {self.display_url}: "
-                                   f"{self._describe(exc)}") from None
+            why = str(exc) if isinstance(exc, sql.SchemaTooNew) else self._describe(exc)
+            raise StoreUnavailable(f"cannot use the payment store {self.display_url}: {why}") from None
         log.info("store %s: this replica is owner %s", self.display_url, self.owner_id)
 
     async def close(self) -> None:

@@ -42,6 +42,10 @@ def migrations() -> list[Migration]:
     return found
 
 
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer gateway."""
+
+
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version integer PRIMARY KEY,
@@ -61,7 +65,12 @@ async def migrate(conn, timeout: float = 600.0) -> list[int]:  # conn: asyncpg.C
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATION_LOCK, timeout=timeout)
         await conn.execute(MIGRATIONS_TABLE, timeout=timeout)
         done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations", timeout=timeout)}
-        for migration in migrations():
+        known = migrations()
+        if done and max(done) > len(known):
+            # A newer gateway has changed the schema in ways this one does not know: refuse rather than guess.
+            raise SchemaTooNew(f"its schema is at version {max(done)}, newer than this gateway knows ({len(known)}):"
+                               " run the newer gateway, or restore a back-up of the database taken before it")
+        for migration in known:
             if migration.version in done:
                 continue
             await conn.execute(migration.sql, timeout=timeout)
