@@ -79,9 +79,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.max_pings_without_data", 0),    # else pings stop after two while the 2PC stream is quiet
 ]
 
-# For a server whose clients keep their channels alive with CHANNEL_OPTIONS (a bank: the gateway's link). By
-# default a server accepts a ping without data only every five minutes, and answers more with GOAWAY
-# "too_many_pings", dropping the connection and every call on it.
+# For a server whose clients keep their channels alive with pings (a bank: the gateway's link, CHANNEL_OPTIONS;
+# the gateway: wallets, every few seconds). By default a server accepts a ping without data only every five
+# minutes, and answers more with GOAWAY "too_many_pings", dropping the connection and every call on it.
 KEEPALIVE_SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,7 @@ from tests.test_crash_recovery import key_row, payments_with_key, start_extra_ga
 from tests.wallet_support import Toasts, history_statuses, login, pay, pending_count, wait_for, wallet_argv
 from wallet_tui.app import make_app
 from wallet_tui.core import WalletCore
-from wallet_tui.gateway import GrpcGateway
+from wallet_tui.gateway import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, GrpcGateway
 from wallet_tui.replicas import channel_target, failover_pause
 from wallet_tui.settings import parse_args
 from wallet_tui.sync import Event, Finished, WentOffline
@@ -146,6 +147,41 @@ def test_calls_are_balanced_over_the_replicas_and_a_replica_killed_changes_nothi
     wait_until(lambda: payments_on(first) >= 9, 5, message="the survivor's log lines")
     each_key_paid_once(cluster, keys)
     assert_moved(cluster, sum(range(100, 106)) + sum(range(200, 206)))
+    core.close()
+
+
+def test_a_hung_replica_is_left_out_within_seconds_and_every_payment_is_paid_by_the_other(
+        make_cluster: MakeCluster, tmp_path: Path) -> None:
+    cluster = make_cluster(txn_timeout=TXN_TIMEOUT)
+    port2 = start_extra_gateway(cluster, "gateway2")
+    hung = cluster.procs["gateway2"]
+    core = wallet_core(cluster, tmp_path, cluster.gateway_port, port2)
+    keys = []
+    for i in range(2):  # round robin: each replica has had a call, so each has a connection in the rotation
+        k, events = pay_now(core, 100 + i)
+        assert_paid_at_once(events)
+        keys.append(k)
+
+    # Hung, not dead: its port still accepts and the kernel acknowledges, its store session (and lock) lives on,
+    # its connection looks healthy to the balancer. Only unanswered pings tell.
+    hung.popen.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(6):
+            started = time.monotonic()
+            k, events = pay_now(core, 200 + i)
+            # Never left to its deadline (15 s), never deferred: a call given to the hung replica fails within
+            # the keepalive's few seconds and is sent again, with its key, to the other one.
+            assert_paid_at_once(events)
+            assert time.monotonic() - started < KEEPALIVE_TIME_MS / 1000 + KEEPALIVE_TIMEOUT_MS / 1000 + 3
+            keys.append(k)
+        assert core.poll().healthy and core.connectivity == "online"
+    finally:
+        hung.popen.send_signal(signal.SIGCONT)
+    # Back, it may find a request that reached it while it was stopped: its key replays, nothing moves twice.
+    credentials = grpc.ssl_channel_credentials((cluster.certs_dir / "ca.crt").read_bytes())
+    wait_until(lambda: health_ok(f"localhost:{port2}", credentials), 15, message="the replica serving again")
+    each_key_paid_once(cluster, keys)
+    assert_moved(cluster, 100 + 101 + sum(range(200, 206)))
     core.close()
 
 

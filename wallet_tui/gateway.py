@@ -29,6 +29,14 @@ LOGOUT_TIMEOUT = 2.0      # best effort: a wallet that cannot reach the gateway 
 # CA-signed certificate (a bank's too) is valid for `localhost`; only the gateway's names `gateway`, so a
 # process holding a bank's certificate fails the handshake before any password is sent.
 GATEWAY_NAME = "gateway"
+# A gateway that hangs (stopped, swapping, a frozen VM) keeps its connection open and answers nothing: the
+# kernel still accepts and acknowledges. gRPC pings it this often and gives the connection up when a ping goes
+# unanswered for KEEPALIVE_TIMEOUT_MS: every call on it then fails UNAVAILABLE (sent again to another replica,
+# with its key), and the replica is out of the rotation until a new connection's handshake completes — that
+# is, until it answers again. Without this, a hung replica keeps its share of the calls until each one's
+# deadline. A ping is a few bytes every few seconds; the gateway accepts them (servers.serving).
+KEEPALIVE_TIME_MS = 4000
+KEEPALIVE_TIMEOUT_MS = 3000
 
 STATUS_WORDS = {
     payment_pb2.PAYMENT_STATUS_SUCCEEDED: "succeeded",
@@ -120,6 +128,11 @@ class GrpcGateway:
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.enable_retries", 0),  # resends are ours (failover, the outbox), always with the same key
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),  # gRPC waits this long, whatever the line above says
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging while the health watch is quiet
             # One name for every replica: each one's certificate must name `gateway`, whatever its address.
             ("grpc.ssl_target_name_override", GATEWAY_NAME),
         ]

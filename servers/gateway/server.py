@@ -161,8 +161,10 @@ async def serve(settings: GatewaySettings) -> None:
     # A store that cannot be reached is the caller's UNAVAILABLE (retry, maybe on another replica), never
     # UNKNOWN; nothing was half-done (every write commits whole or not at all).
     unavailable = StatusFor({StoreUnavailable: grpc.StatusCode.UNAVAILABLE})
+    # Wallets ping every few seconds to notice a hung replica (wallet_tui.gateway): accept those pings.
     server = serving.make_server([LoggingInterceptor(metrics.call_ended), unavailable,
-                                  BearerAuthInterceptor(servicer.resolve_token, open_methods)])
+                                  BearerAuthInterceptor(servicer.resolve_token, open_methods)],
+                                 serving.KEEPALIVE_SERVER_OPTIONS)
     payment_pb2_grpc.add_PaymentGatewayServicer_to_server(servicer, server)
     health = await serving.add_health(server)
     # A replica that lost its store session reports NOT_SERVING (balancing clients send it nothing) and takes
