@@ -1,5 +1,6 @@
-"""A small TCP proxy for fault injection: cut a link, let requests through and lose the replies, or blackhole
-the open connections (bytes vanish, nothing is closed: a link that died silently).
+"""A small TCP proxy for fault injection: cut a link, let requests through and lose the replies, blackhole
+the open connections (bytes vanish, nothing is closed: a link that died silently), or stall them (bytes held
+until `flow()`).
 
 TLS passes through untouched (the proxy only copies bytes), so clients still verify the real server.
 """
@@ -26,6 +27,8 @@ class TcpProxy:
         self.connections = 0
         self._blackholed: set[tuple[socket.socket, socket.socket]] = set()
         self.blackholed_closed = 0      # blackholed connections their client gave up on (closed its end)
+        self._flowing = threading.Event()  # cleared by stall(): every open connection holds its bytes
+        self._flowing.set()
         self._closed = False
         threading.Thread(target=self._accept_loop, daemon=True, name=f"proxy:{self.port}").start()
 
@@ -65,8 +68,17 @@ class TcpProxy:
         with self._lock:
             self._blackholed |= self._conns
 
+    def stall(self) -> None:
+        """The links go silent: bytes are held, nothing is closed (no FIN, no RST) — what a peer sees when a link
+        or a machine vanishes. Neither end is told anything; only a timeout can notice. Until `flow()`."""
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
         self._closed = True
+        self._flowing.set()
         self.cut()
         try:
             self._listener.close()
@@ -116,6 +128,7 @@ class TcpProxy:
                             self.dropped_replies += 1
                     if lose:
                         break
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import threading
 import time
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
@@ -40,39 +38,6 @@ def proxied(url: str, proxy: TcpProxy, password: str = SECRET) -> str:
 
 def target_port(url: str) -> int:
     return urlsplit(url).port or 5432
-
-
-class StallingProxy(TcpProxy):
-    """A TcpProxy that can also go silent: bytes are held, nothing is closed (no FIN, no RST) — what the store
-    sees when a link or a machine vanishes. Neither end is told anything; only a timeout can notice."""
-
-    def __init__(self, target_port: int) -> None:
-        self._flowing = threading.Event()
-        self._flowing.set()
-        super().__init__(target_port)
-
-    def stall(self) -> None:
-        self._flowing.clear()
-
-    def flow(self) -> None:
-        self._flowing.set()
-
-    def close(self) -> None:
-        self._flowing.set()
-        super().close()
-
-    def _pump(self, pair: tuple[socket.socket, socket.socket], src: socket.socket, dst: socket.socket,
-              is_reply: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                self._flowing.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-        self._close_pair(pair)
 
 
 async def test_a_cut_link_fails_fast_and_the_replica_serves_again_once_it_is_back(
@@ -128,7 +93,7 @@ async def test_a_closed_session_is_noticed_at_once_and_no_payment_is_taken_until
 
 
 async def test_a_silent_link_is_noticed_within_the_liveness_timeout(postgres_url: str) -> None:
-    proxy = StallingProxy(target_port(postgres_url))
+    proxy = TcpProxy(target_port(postgres_url))
     try:
         async with replica(proxied(postgres_url, proxy)) as store:
             first_owner = store.owner_number
