@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from bench.calls import payment_caller
+from bench.calls import drive, payment_caller
 from bench.process_stats import cpu_seconds
 from tests.harness import OPENING_TOTAL, Cluster, make_certs, wait_until
 
@@ -34,23 +34,10 @@ CONCURRENT_THREADS = 16
 MEASURES = ("sequential", "concurrent", "cpu_ms_per_payment")
 MODES = ("off", "on")
 
+
 def pay_until(call: Callable[[int, int], None], deadline: float, threads: int) -> int:
     """Call `call(worker, i)` from `threads` threads until `deadline` (time.monotonic()); how many calls."""
-    counts = [0] * threads
-
-    def worker(w: int) -> None:
-        i = 0
-        while time.monotonic() < deadline:
-            call(w, i)
-            i += 1
-        counts[w] = i
-
-    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return sum(counts)
+    return drive(call, threads, seconds=max(0.0, deadline - time.monotonic()))["count"]
 
 
 class Scraper(threading.Thread):

@@ -36,12 +36,10 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import grpc
-
 from bench import pg_why, replicas_report
 from bench.pg_observe import (CpuMeter, PgAdmin, backend_pids, bench_database, connections_by_replica, database_of,
                               probe, server_port)
-from bench.calls import payment_caller, replay_one_key
+from bench.calls import drive, payment_caller, replay_one_key
 from bench.process_stats import rss_mb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import OPENING_TOTAL, Client, Cluster, free_port, make_certs, wait_until
@@ -93,44 +91,6 @@ def spread(setup: Setup, make: Callable[[Client], Callable[[int, int], None]]) -
     """Call i of client thread w goes to replica (w + i) mod N: every thread uses every replica in turn."""
     calls = [make(client) for client in setup.clients]
     return lambda w, i: calls[(w + i) % len(calls)](w, i)
-
-
-def drive(call: Callable[[int, int], None], threads: int, *, seconds: float | None = None,
-          calls: int | None = None) -> dict[str, Any]:
-    """`call(w, i)` from `threads` threads, for `seconds` or `calls` calls in all: count, rate, latency
-    percentiles of the answered calls, and the calls refused by gRPC code (a client of the benchmark goes on
-    with its next payment; a refused payment moved no money or moved it exactly once, as the checks show)."""
-    deadline = time.monotonic() + (seconds if seconds is not None else float("inf"))
-    per_thread = calls // threads if calls is not None else None
-    latencies: list[list[float]] = [[] for _ in range(threads)]
-    errors: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def worker(w: int) -> None:
-        i = 0
-        while time.monotonic() < deadline and (per_thread is None or i < per_thread):
-            t = time.perf_counter()
-            try:
-                call(w, i)
-                latencies[w].append(time.perf_counter() - t)
-            except Exception as exc:  # noqa: BLE001 - counted and reported; the client goes on, as a wallet would
-                kind = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
-                with lock:
-                    errors[kind] = errors.get(kind, 0) + 1
-            i += 1
-
-    start = time.perf_counter()
-    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - start
-    every = sorted(x for mine in latencies for x in mine)
-    if not every:
-        raise RuntimeError(f"no call was answered in the window: {errors}")
-    return {"count": len(every), "seconds": elapsed, "rate": len(every) / elapsed, "errors": errors,
-            "p50_ms": every[len(every) // 2] * 1000, "p99_ms": every[min(len(every) - 1, int(len(every) * .99))] * 1000}
 
 
 def gateway_trouble(setup: Setup) -> list[str]:

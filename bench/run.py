@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +27,7 @@ from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from tests.harness import Cluster, free_port, health_ok, make_certs, wait_until
 
-from bench.calls import payment_caller
+from bench.calls import drive, payment_caller
 from bench.ceiling import sequential_rate as bare_contract_rate
 from bench.process_stats import rss_mb
 from bench.starter import DEFAULT_STARTER, Starter
@@ -37,29 +36,10 @@ from bench.wallet import drain_rate, startup_seconds
 
 def measure(call: Callable[[int, int], None], total: int, threads: int = 1) -> dict[str, float]:
     """Run `call(worker, i)` `total` times over `threads` threads; rate and latency percentiles."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    per = total // threads
-
-    def worker(w: int) -> None:
-        mine = []
-        for i in range(per):
-            t = time.perf_counter()
-            call(w, i)
-            mine.append(time.perf_counter() - t)
-        with lock:
-            latencies.extend(mine)
-
-    start = time.perf_counter()
-    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - start
-    latencies.sort()
-    return {"rate": len(latencies) / elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000,
-            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000}
+    result = drive(call, threads, calls=total)
+    if result["errors"]:
+        print(f"bench: calls that failed (not counted): {result['errors']}", file=sys.stderr)
+    return {key: result[key] for key in ("rate", "p50_ms", "p99_ms")}
 
 
 def floor_rate(certs: Path, n: int) -> float:
