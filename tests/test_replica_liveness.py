@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from servers.gateway.store.postgres_sql import LIVENESS_APPLICATION, OWNER_LOCK_SPACE
-from tests.harness import OPENING, Cluster, health_ok, wait_until
+from tests.harness import OPENING, Client, Cluster, health_ok, wait_until
 from tests.tcpproxy import TcpProxy
 from tests.test_crash_recovery import (FAILED, SUCCEEDED, assert_conserved, key, key_row, payments_with_key,
                                        wait_settled)
@@ -74,6 +74,21 @@ def call(fn: Callable[[], object]) -> object:
         return exc.code(), exc.details()
 
 
+def pay_until_both_banks_hold(cluster: Cluster, client: Client, amount: float
+                              ) -> tuple[str, str, threading.Thread, list]:
+    """A payment by `client` from a thread of its own (its gateway delays after the votes), returned once both
+    banks voted YES and hold the money: its key, its transaction id, the thread, and where its answer (or
+    error, `call`) will be."""
+    k, answer = key(), []
+    payer = threading.Thread(target=lambda: answer.append(call(
+        lambda: client.pay(k, "SBI-1001", "HDFC-2001", amount, timeout=30))))
+    payer.start()
+    txn = wait_until(lambda: (row := key_row(cluster, client.user, k)) and row.txn_id, 10, message="the claim")
+    wait_until(lambda: all(cluster.txn_states(b).get(txn) == "prepared" for b in OPENING), 10,
+               message="both banks' YES votes")
+    return k, txn, payer, answer
+
+
 def test_a_replica_whose_store_session_is_killed_stops_until_it_has_a_new_one_and_its_late_write_is_fenced(
         make_cluster: MakeCluster, postgres_url: str) -> None:
     # gateway2's payments wait between the banks' votes and storing the decision: there, its session is killed.
@@ -83,13 +98,7 @@ def test_a_replica_whose_store_session_is_killed_stops_until_it_has_a_new_one_an
     alice = cluster.client("alice", address=cluster.gateway_address("gateway2"))
     old_owner = cluster.owner_of("gateway2")
 
-    k, answer = key(), []
-    payer = threading.Thread(target=lambda: answer.append(call(
-        lambda: alice.pay(k, "SBI-1001", "HDFC-2001", 70, timeout=30))))
-    payer.start()
-    txn = wait_until(lambda: (row := key_row(cluster, "alice", k)) and row.txn_id, 10, message="the claim")
-    wait_until(lambda: all(cluster.txn_states(b).get(txn) == "prepared" for b in OPENING), 10,
-               message="both banks' YES votes")
+    k, txn, payer, answer = pay_until_both_banks_hold(cluster, alice, 70)
     assert cluster.holds() == 7_000
     assert (key_row(cluster, "alice", k).owner, key_row(cluster, "alice", k).epoch) == (old_owner, 1)
 
@@ -143,13 +152,7 @@ def test_a_replica_that_loses_its_store_fails_fast_half_does_nothing_and_serves_
         alice = cluster.client("alice")
 
         # A payment in flight when the store goes: both banks voted YES and hold the money.
-        k, answer = key(), []
-        payer = threading.Thread(target=lambda: answer.append(call(
-            lambda: alice.pay(k, "SBI-1001", "HDFC-2001", 20, timeout=30))))
-        payer.start()
-        txn = wait_until(lambda: (row := key_row(cluster, "alice", k)) and row.txn_id, 10, message="the claim")
-        wait_until(lambda: all(cluster.txn_states(b).get(txn) == "prepared" for b in OPENING), 10,
-                   message="both banks' YES votes")
+        k, txn, payer, answer = pay_until_both_banks_hold(cluster, alice, 20)
         proxy.cut()
         wait_until(lambda: not serving(cluster, "gateway"), 5, message="NOT_SERVING")
         for attempt in (lambda: alice.pay(key(), "SBI-1001", "HDFC-2001", 1, timeout=5),  # refused, not hung
