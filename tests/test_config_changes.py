@@ -18,8 +18,8 @@ import pytest
 
 from protofiles import payment_pb2 as pb
 from tests.harness import OPENING_ACCOUNTS, OPENING_TOTAL, Client, Cluster, wait_until
-from tests.test_crash_recovery import (TXN_TIMEOUT, key_row, start_extra_gateway, start_with_gateway_crash_at,
-                                       wait_killed_itself)
+from tests.test_crash_recovery import (TXN_TIMEOUT, key_row, pay_into_the_crash, start_extra_gateway,
+                                       start_with_gateway_crash_at)
 
 SUCCEEDED, FAILED = pb.PAYMENT_STATUS_SUCCEEDED, pb.PAYMENT_STATUS_FAILED
 
@@ -120,10 +120,7 @@ def test_undecided_payment_whose_bank_was_removed_is_decided_failed_when_resumed
     cluster.gateway_args = []
     alice_a, alice_b = cluster.client("alice"), cluster.client("alice", address=f"localhost:{port_b}")
     k = key()
-    with pytest.raises(grpc.RpcError):
-        alice_a.pay(k, "SBI-1001", "HDFC-2001", 30)
-    wait_killed_itself(cluster.procs["gateway"])
-    txn = key_row(cluster, "alice", k).txn_id
+    txn = pay_into_the_crash(cluster, alice_a, k, 30)
     assert cluster.txn_states("HDFC")[txn] == "prepared" and cluster.holds() == 3_000
 
     final = alice_b.pay(k, "SBI-1001", "HDFC-2001", 30, timeout=TXN_TIMEOUT + 10)

@@ -95,6 +95,15 @@ def wait_killed_itself(proc: Proc) -> None:
     assert proc.popen.returncode == -signal.SIGKILL, proc.log()[-2000:]
 
 
+def pay_into_the_crash(cluster: Cluster, client: Client, k: str, amount: float) -> str:
+    """Pay through the gateway armed to SIGKILL itself at its crash point: the call fails, the gateway is gone,
+    and what it left is stored under the key. The key's transaction id."""
+    with pytest.raises(grpc.RpcError):
+        client.pay(k, "SBI-1001", "HDFC-2001", amount)
+    wait_killed_itself(cluster.procs["gateway"])
+    return key_row(cluster, client.user, k).txn_id
+
+
 def wait_settled(cluster: Cluster, timeout: float = 15) -> None:
     wait_until(lambda: cluster.unfinished_payments() == 0, timeout, message="every payment to be finished")
     wait_until(lambda: cluster.holds() == 0, timeout, message="every hold to be released")
@@ -392,10 +401,7 @@ def test_payment_of_dead_gateway_is_taken_over_by_retry_through_live_gateway(mak
     port2 = start_extra_gateway(cluster, "gateway2")
     alice_dying, alice_live = cluster.client("alice"), cluster.client("alice", address=f"localhost:{port2}")
     k = key()
-    with pytest.raises(grpc.RpcError):
-        alice_dying.pay(k, "SBI-1001", "HDFC-2001", 60)
-    wait_killed_itself(cluster.procs["gateway"])
-    txn = key_row(cluster, "alice", k).txn_id
+    txn = pay_into_the_crash(cluster, alice_dying, k, 60)
 
     # Straight to the live gateway: it finds the owner dead and finishes the payment (or its completer did).
     final = alice_live.pay_until_final(k, "SBI-1001", "HDFC-2001", 60, deadline=20)
