@@ -55,6 +55,12 @@ def preallocate_wal(path: Path, page_size: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def apply_schema(db: sqlite3.Connection, schema: str) -> None:
+    """Every `;`-separated statement of `schema`, inside the caller's transaction (`executescript` would commit)."""
+    for statement in filter(str.strip, schema.split(";")):
+        db.execute(statement)
+
+
 class SQLiteStore:
     def __init__(self, path: Path, schema: str, *, preallocate: bool = False) -> None:
         self.path = Path(path)
@@ -71,8 +77,7 @@ class SQLiteStore:
             bootstrap.execute(f"PRAGMA page_size={PAGE_SIZE}")  # takes effect only on a new, empty file
             bootstrap.execute("PRAGMA journal_mode=WAL")
             bootstrap.execute("BEGIN IMMEDIATE")
-            for statement in filter(str.strip, schema.split(";")):
-                bootstrap.execute(statement)
+            apply_schema(bootstrap, schema)
             bootstrap.execute("COMMIT")
             self.page_size: int = bootstrap.execute("PRAGMA page_size").fetchone()[0]
         finally:

@@ -41,7 +41,6 @@ class Liveness:
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()     # set on a loss: the watchdog reconnects now, not after its interval
         self.number: int | None = None  # the current owner number (the last one, while not live)
-        self.backend_pid: int | None = None
 
     @property
     def live(self) -> bool:
@@ -70,7 +69,7 @@ class Liveness:
     async def _take_identity(self) -> None:
         conn = await self._connect()
         try:
-            number, locked, pid, _name = await conn.fetchrow(sql.TAKE_IDENTITY, timeout=self._timeout)
+            number, locked, _pid, _name = await conn.fetchrow(sql.TAKE_IDENTITY, timeout=self._timeout)
             if not locked:  # pragma: no cover - a fresh number's lock cannot be held by anyone
                 raise RuntimeError(f"owner lock {number} is held already: is another program using its key space?")
             if self.number is not None:
@@ -83,7 +82,7 @@ class Liveness:
             return
         conn.add_termination_listener(self._on_terminated)
         old = self.number
-        self._conn, self.number, self.backend_pid = conn, number, pid
+        self._conn, self.number = conn, number
         if old is not None:
             log.warning("store session back: this replica is now owner %d (was %d); owner %d's payments are "
                         "recovered by the completers", number, old, old)

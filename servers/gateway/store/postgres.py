@@ -15,10 +15,7 @@ payment) at the next completer pass, so a retry or any completer finishes them.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import secrets
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
@@ -29,16 +26,10 @@ from servers.gateway.store.pg_connection import (POOL_LOGGER, OneLineOutages, Po
                                                  is_unavailable, server_settings)
 from servers.gateway.store.pg_liveness import Liveness
 from servers.gateway.store.url import mask_url, scrub
-from servers.gateway.store.records import Claim, ClaimKind, HistoryRow, LostOwnership, Payment, Point, fingerprint
+from servers.gateway.store.records import (Claim, ClaimKind, HistoryRow, LostOwnership, Payment, Point, fingerprint,
+                                           new_token, new_txn_id, token_key)
 
 log = logging.getLogger("strife.store.postgres")
-
-_MAX_TOKEN = 512
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-
 
 def _payment(row: Any) -> Payment:
     return Payment(row["id"], row["txn_id"], row["username"], row["idem_key"], row["from_account"],
@@ -191,7 +182,7 @@ class PostgresStore:
                     may_insert: bool = True) -> Claim:
         me = self._me()
         fp = fingerprint(from_account, to_account, amount)
-        attempt = Payment(0, f"txn-{uuid.uuid4().hex}", username, key, from_account, to_account, amount,
+        attempt = Payment(0, new_txn_id(), username, key, from_account, to_account, amount,
                           Point.STARTED, None, 1)
         in_doubt: Payment | None = None
         try:
@@ -209,10 +200,8 @@ class PostgresStore:
                     new = [r for r in rows if r["new"]]
                     if new:
                         return Claim(ClaimKind.NEW, replace(attempt, id=new[0]["id"]))
-                    if rows and (rows[0]["fingerprint"] != fp or rows[0]["response"] is not None):
-                        return self._settled(rows[0], fp)
-                    if rows and rows[0]["owner"] == me:  # this replica is executing it (a duplicate request)
-                        return Claim(ClaimKind.IN_FLIGHT, _payment(rows[0]))
+                    if rows and (known := self._known(rows[0], fp, me)):
+                        return known
                     # Undecided, or inserted by a concurrent claim after this statement's snapshot: decide
                     # under the row's lock.
                     async with conn.transaction():
@@ -221,11 +210,9 @@ class PostgresStore:
                             return Claim(ClaimKind.REFUSED)
                         if row is None:
                             continue  # the other claim rolled back, or the key was swept: claim it afresh
-                        if row["fingerprint"] != fp or row["response"] is not None:
-                            return self._settled(row, fp)
+                        if known := self._known(row, fp, me):
+                            return known
                         previous = row["owner"]
-                        if previous == me:
-                            return Claim(ClaimKind.IN_FLIGHT, _payment(row))
                         epoch = await conn.fetchval(sql.RESUME, username, key, previous, me)
                         if epoch is None:
                             return Claim(ClaimKind.IN_FLIGHT, _payment(row))
@@ -241,9 +228,16 @@ class PostgresStore:
             raise
 
     @staticmethod
-    def _settled(row: Any, fp: str) -> Claim:
-        kind = ClaimKind.MISMATCH if row["fingerprint"] != fp else ClaimKind.REPLAY
-        return Claim(kind, _payment(row))
+    def _known(row: Any, fp: str, me: int) -> Claim | None:
+        """What a found key means without taking it: a mismatch, a replay, or in flight here (a duplicate
+        request); None when it is undecided and another owner's — the caller takes it over if that one is dead."""
+        if row["fingerprint"] != fp:
+            return Claim(ClaimKind.MISMATCH, _payment(row))
+        if row["response"] is not None:
+            return Claim(ClaimKind.REPLAY, _payment(row))
+        if row["owner"] == me:
+            return Claim(ClaimKind.IN_FLIGHT, _payment(row))
+        return None
 
     async def decide(self, payment: Payment, commit: bool, status: str, message: str, response: bytes) -> None:
         """Record the decision and the client's response, durably, before any bank hears of it."""
@@ -383,23 +377,23 @@ class PostgresStore:
 
     # ---- sessions ---------------------------------------------------------------------------------------------
     async def create_session(self, username: str, credential: str, ttl: float) -> tuple[str, float]:
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         async with self._connection("login") as conn:
-            expires = await conn.fetchval(sql.CREATE_SESSION, _digest(token), username, credential, float(ttl))
+            expires = await conn.fetchval(sql.CREATE_SESSION, token_key(token), username, credential, float(ttl))
         return token, expires
 
     async def resolve_session(self, token: str) -> tuple[str, str] | None:
-        if len(token) > _MAX_TOKEN:
+        if (key := token_key(token)) is None:
             return None
         async with self._connection("session") as conn:
-            row = await conn.fetchrow(sql.RESOLVE_SESSION, _digest(token))
+            row = await conn.fetchrow(sql.RESOLVE_SESSION, key)
         return None if row is None else (row["username"], row["credential"])
 
     async def end_session(self, token: str) -> str | None:
-        if len(token) > _MAX_TOKEN:
+        if (key := token_key(token)) is None:
             return None
         async with self._connection("logout") as conn:
-            return await conn.fetchval(sql.END_SESSION, _digest(token))
+            return await conn.fetchval(sql.END_SESSION, key)
 
     async def sweep_sessions(self) -> int:
         return await self._sweep(sql.SWEEP_SESSIONS)

@@ -7,6 +7,9 @@ acknowledged). Each transition is committed durably before the next remote call.
 from __future__ import annotations
 
 import enum
+import hashlib
+import secrets
+import uuid
 from dataclasses import dataclass
 
 
@@ -68,3 +71,21 @@ class LostOwnership(RuntimeError):
 def fingerprint(from_account: str, to_account: str, amount: int) -> str:
     """What a key was first used for: a retry with other parameters is refused (FAILED_PRECONDITION)."""
     return f"ProcessPayment\x1f{from_account}\x1f{to_account}\x1f{amount}"
+
+
+# Sessions and transaction ids, alike in every backend. A store keeps only a token's digest, so a stolen copy of
+# the store holds no usable token; a token longer than any we issue is not looked up at all.
+MAX_TOKEN = 512
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def token_key(token: str) -> str | None:
+    """What a store keeps of `token` (its SHA-256), or None for a value too long to be one of ours."""
+    return None if len(token) > MAX_TOKEN else hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_txn_id() -> str:
+    return f"txn-{uuid.uuid4().hex}"

@@ -26,10 +26,10 @@ FILE_NAME = "gateway.sqlite3"
 
 
 class SQLiteGatewayStore:
-    def __init__(self, data_dir: Path, *, preallocate: bool = True) -> None:
+    def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / FILE_NAME
         self.display_url = str(self.path)
-        self._sqlite = SQLiteStore(self.path, "", preallocate=preallocate)
+        self._sqlite = SQLiteStore(self.path, "", preallocate=True)
         self._owner = Owner(Path(data_dir))
         self.payments = PaymentStore(self._sqlite, self._owner)
         self.sessions = Sessions(self._sqlite)
@@ -88,8 +88,7 @@ class SQLiteGatewayStore:
 
     async def take_over_abandoned(self, limit: int) -> list[Payment]:
         taken, dead = await self._db.run(self.payments.take_over_abandoned_in, limit)
-        for owner_id in dead:
-            self._owner.forget(owner_id)
+        self.payments.forget_dead(dead)
         return taken
 
     async def owned_unfinished(self) -> list[Payment]:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import heapq
 import sqlite3
 import time
-import uuid
 from operator import itemgetter
 
 from servers.gateway.store.owners import Owner
-from servers.gateway.store.records import Claim, ClaimKind, HistoryRow, LostOwnership, Payment, Point, fingerprint
-from servers.sqlite_store import SQLiteStore
+from servers.gateway.store.records import (Claim, ClaimKind, HistoryRow, LostOwnership, Payment, Point, fingerprint,
+                                           new_txn_id)
+from servers.sqlite_store import SQLiteStore, apply_schema
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS payments (
@@ -86,8 +86,7 @@ class PaymentStore:
         self._store = store
         self.owner = owner
         with store.transaction() as db:
-            for statement in filter(str.strip, SCHEMA.split(";")):
-                db.execute(statement)
+            apply_schema(db, SCHEMA)
 
     # Each operation exists twice: `x(...)` runs in a transaction of its own (committed on return), and
     # `x_in(db, ...)` inside the caller's, which is how the gateway group-commits (sqlite_store.GroupCommitter).
@@ -113,9 +112,13 @@ class PaymentStore:
     def take_over_abandoned(self, limit: int = 100) -> list[Payment]:
         with self._store.transaction() as db:
             taken, dead = self.take_over_abandoned_in(db, limit)
-        for owner_id in dead:
-            self.owner.forget(owner_id)
+        self.forget_dead(dead)
         return taken
+
+    def forget_dead(self, owners: set[str]) -> None:
+        """After the commit that took their payments over: owners found dead need no more probing."""
+        for owner_id in owners:
+            self.owner.forget(owner_id)
 
     def forget_previous_owner(self, claim: Claim) -> None:
         if claim.kind is ClaimKind.RESUMED and claim.previous_owner:
@@ -131,7 +134,7 @@ class PaymentStore:
         if row is None and not may_insert:
             return Claim(ClaimKind.REFUSED)
         if row is None:
-            txn_id = f"txn-{uuid.uuid4().hex}"
+            txn_id = new_txn_id()
             payment_id = db.execute(
                 "INSERT INTO payments (txn_id, username, idem_key, from_account, to_account, amount, status,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, 'processing', ?)",

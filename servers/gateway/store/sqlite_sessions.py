@@ -15,12 +15,11 @@ loop when a commit came just before it, against ≈3 µs for a cache hit; paymen
 """
 from __future__ import annotations
 
-import hashlib
-import secrets
 import sqlite3
 import time
 
-from servers.sqlite_store import SQLiteStore
+from servers.gateway.store.records import new_token, token_key
+from servers.sqlite_store import SQLiteStore, apply_schema
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -36,16 +35,11 @@ CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at)
 _ADDED_COLUMNS = {"credential": "TEXT NOT NULL DEFAULT ''", "revoked_at": "REAL"}
 
 
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 class Sessions:
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store
         with store.transaction() as db:
-            for statement in filter(str.strip, SCHEMA.split(";")):
-                db.execute(statement)
+            apply_schema(db, SCHEMA)
             have = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
             for column, declaration in _ADDED_COLUMNS.items():
                 if column not in have:
@@ -56,29 +50,28 @@ class Sessions:
             return self.create_in(db, username, credential, ttl)
 
     def create_in(self, db: sqlite3.Connection, username: str, credential: str, ttl: float) -> tuple[str, float]:
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         now = time.time()
         expires = now + ttl
         db.execute("INSERT INTO sessions (token_hash, username, created_at, expires_at, credential)"
-                   " VALUES (?, ?, ?, ?, ?)", (_digest(token), username, now, expires, credential))
+                   " VALUES (?, ?, ?, ?, ?)", (token_key(token), username, now, expires, credential))
         return token, expires
 
     def resolve(self, token: str) -> tuple[str, str] | None:
         """(user, credential fingerprint) of a live token, or None (unknown, expired, logged out). The gateway
         compares the credential with the user's current one (a changed password ends the session)."""
-        if len(token) > 512:
+        if (key := token_key(token)) is None:
             return None
         row = self._store.connection().execute(
             "SELECT username, credential FROM sessions WHERE token_hash = ? AND expires_at > ? AND revoked_at IS NULL",
-            (_digest(token), time.time())).fetchone()
+            (key, time.time())).fetchone()
         return None if row is None else (row[0], row[1])
 
     def revoke_in(self, db: sqlite3.Connection, token: str) -> str | None:
         """Log a token out. Returns its user, also for a token logged out before (the holder retrying), or
         None if the token is unknown or expired."""
-        if len(token) > 512:
+        if (key := token_key(token)) is None:
             return None
-        key = _digest(token)
         now = time.time()
         row = db.execute("UPDATE sessions SET revoked_at = coalesce(revoked_at, ?) WHERE token_hash = ?"
                          " AND expires_at > ? RETURNING username", (now, key, now)).fetchone()
