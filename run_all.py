@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import os
 import signal
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from servers import certs
 from servers.config import ConfigError, load_banks
-from servers.gateway.store.spec import SQLITE, check_spec
+from servers.gateway.store.spec import SQLITE, store_argument, store_or_environment
 from servers.gateway.store.url import mask_url
 from servers.supervisor import RESTART_HELP, Supervisor, add_restart_arguments, open_log, restart_policy
 
@@ -57,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gateways", type=_replicas, default=1, metavar="N",
                         help="gateway replicas to start on consecutive ports (default 1; N > 1 needs a"
                              " PostgreSQL --store)")
-    parser.add_argument("--store", type=_store, default=None, metavar="sqlite|postgresql://USER@HOST[:PORT]/DB",
+    parser.add_argument("--store", type=store_argument, default=None, metavar="sqlite|postgresql://USER@HOST[:PORT]/DB",
                         help="the gateway's store (default $STRIFE_STORE, else sqlite: a file in --data-dir)")
     parser.add_argument("--txn-timeout", type=float, default=None, help="passed to the gateway")
     parser.add_argument("--poll-interval", type=float, default=None, help="passed to the wallet")
@@ -69,11 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-metrics", action="store_true", help="start the servers without metrics")
     add_restart_arguments(parser)
     args = parser.parse_args(argv)
-    if args.store is None:
-        try:
-            args.store = check_spec(os.environ.get("STRIFE_STORE") or SQLITE)
-        except ValueError as exc:
-            parser.error(f"STRIFE_STORE: {exc}")
+    args.store = store_or_environment(args.store, parser)
     if args.gateways > 1 and args.store == SQLITE:
         parser.error(f"--gateways {args.gateways}: replicas share a PostgreSQL store; add --store"
                      " postgresql://USER@HOST[:PORT]/DB (see docs/operations.md)")
@@ -90,13 +85,6 @@ def _replicas(value: str) -> int:
     if not 1 <= number <= MAX_REPLICAS:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_REPLICAS}, not {value!r}")
     return number
-
-
-def _store(value: str) -> str:
-    try:
-        return check_spec(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def gateway_ports(args: argparse.Namespace) -> list[int]:

@@ -1,13 +1,10 @@
 """`python -m servers.bank_server`: one bank (CONTRACT §2). The bank lives in servers/bank/.
 
-gRPC's I/O engine is chosen before the bank (and with it grpc) is imported: see servers/grpc_engine.py.
+servers/launch.py chooses gRPC's I/O engine before the bank (and with it grpc) is imported.
 """
 from __future__ import annotations
 
-from servers import grpc_engine
+from servers import launch
 
 if __name__ == "__main__":
-    grpc_engine.choose()
-    from servers.bank.server import main
-
-    main()
+    launch.bank()

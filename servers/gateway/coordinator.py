@@ -271,8 +271,9 @@ class Coordinator:
         # older than a finish that lands (and leaves `_delivering`) while it runs — found by bench.replicas: the
         # completer re-sent such decisions, and on PostgreSQL its finish then failed the fence.
         delivering = set(self._delivering)
-        return [p for p in await self.store.owned_unfinished()
-                if p.recovery_point is not Point.STARTED and p.id not in delivering | self._delivering]
+        owned = await self.store.owned_unfinished()
+        delivering |= self._delivering
+        return [p for p in owned if p.recovery_point is not Point.STARTED and p.id not in delivering]
 
     async def recover_at_start(self) -> int:
         """Before serving: decide ABORT, durably, for every undecided payment a dead gateway left, so that no

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from servers.gateway import metrics as gateway_metrics
 from servers.gateway.coordinator import Banks, Coordinator
 from servers.gateway.login_guard import LoginLimits
 from servers.gateway.servicer import GatewayServicer
-from servers.gateway.store.spec import SQLITE, check_spec, open_store
+from servers.gateway.store.spec import SQLITE, open_store, store_argument, store_or_environment
 from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.interface import GatewayStore
 from servers.interceptors import BearerAuthInterceptor, LoggingInterceptor, StatusFor
@@ -74,20 +73,13 @@ def _max_payment(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{exc} (not {value!r})") from exc
 
 
-def _store(value: str) -> str:
-    try:
-        return check_spec(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def parse_args(argv: list[str] | None = None) -> GatewaySettings:
     parser = argparse.ArgumentParser(prog="python -m servers.gateway_server", description="Run the Strife gateway.")
     parser.add_argument("--port", type=int, default=50053)
     parser.add_argument("--config-dir", type=Path, default=Path("config"))
     parser.add_argument("--certs-dir", type=Path, default=Path("certificates"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--store", type=_store, default=None, metavar="sqlite|postgresql://USER@HOST[:PORT]/DB",
+    parser.add_argument("--store", type=store_argument, default=None, metavar="sqlite|postgresql://USER@HOST[:PORT]/DB",
                         help="where keys, payments and sessions live: 'sqlite' (a file in --data-dir, the default)"
                              " or a PostgreSQL database shared by gateway replicas; default $STRIFE_STORE, else sqlite")
     parser.add_argument("--txn-timeout", type=_positive, default=5.0, help="2PC prepare-phase deadline (s)")
@@ -109,12 +101,7 @@ def parse_args(argv: list[str] | None = None) -> GatewaySettings:
     add_metrics_argument(parser)
     a = parser.parse_args(argv)
     login = LoginLimits(a.login_failures_per_user, a.login_failures_per_peer, a.login_window, a.login_concurrency)
-    store = a.store
-    if store is None:
-        try:
-            store = check_spec(os.environ.get("STRIFE_STORE") or SQLITE)
-        except ValueError as exc:
-            parser.error(f"STRIFE_STORE: {exc}")
+    store = store_or_environment(a.store, parser)
     return GatewaySettings(a.port, a.config_dir, a.certs_dir, a.data_dir, a.txn_timeout, a.idempotency_ttl,
                            a.token_ttl, a.completer_interval, a.max_payment, login, store,
                            a.metrics_port)

@@ -15,6 +15,7 @@ from servers.faults import delay_at
 from servers.gateway.coordinator import STATUS_ENUM, Banks, Coordinator
 from servers.gateway.login_guard import LoginGuard, LoginLimits, LoginRefused
 from servers.gateway.payment_checks import Refusal, checked_amount, idempotency_key, refusal
+from servers.gateway.store.errors import StoreUnavailable
 from servers.gateway.store.records import Claim, ClaimKind, Payment
 from servers.interceptors import bearer_token, current_user, note
 from servers.money import MAX_PAYMENT_PAISE, bank_of, paise_to_rupees
@@ -101,9 +102,8 @@ class GatewayServicer(payment_pb2_grpc.PaymentGatewayServicer):
         # caller is gone by then (hung up, or its deadline passed) — else the key would be "in flight" to every
         # retry for as long as this process lives. So the claim is shielded from the caller's cancellation,
         # and a caller that goes away meanwhile leaves its payment to be started once the claim is in.
-        if not self.store.is_live():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this gateway lost its store session; retry (another"
-                                " replica may answer)")
+        if not self.store.is_live():  # UNAVAILABLE, like every StoreUnavailable (the server's StatusFor)
+            raise StoreUnavailable("this gateway lost its store session; retry (another replica may answer)")
         claim_write = asyncio.ensure_future(self.store.claim(username, key, request.from_account,
                                                              request.to_account, amount, refused is None))
         try:

@@ -260,16 +260,10 @@ class PostgresStore:
         """`finish`, not awaited by the caller: finishes queued meanwhile share one statement. If it is lost,
         the payment stays decided and owned, and the completer re-sends the decision and finishes it."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(self._note_failed_finish)
         self._finish_queue.append((payment, future))
         if self._finisher is None or self._finisher.done():
             self._finisher = asyncio.ensure_future(self._drain_finishes())
         return future
-
-    @staticmethod
-    def _note_failed_finish(future: "asyncio.Future[None]") -> None:
-        if not future.cancelled() and future.exception() is not None:  # retrieved: no "never retrieved" noise
-            log.info("a finish was not recorded (%s); the completer finishes that payment", future.exception())
 
     async def _drain_finishes(self) -> None:
         while self._finish_queue:

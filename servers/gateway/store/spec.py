@@ -1,6 +1,8 @@
 """Which store a `--store` value (or STRIFE_STORE) names, and opening it (CONTRACT §9)."""
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,6 +27,24 @@ def check_spec(spec: str) -> str:
     # Never the value itself if it could hold a password (user:secret@host).
     shown = spec.split("://", 1)[0] + "://…" if "://" in spec else ("a value with '@'" if "@" in spec else repr(spec))
     raise ValueError(f"store must be 'sqlite' or a postgresql://USER@HOST[:PORT]/DB URL, not {shown}")
+
+
+def store_argument(value: str) -> str:
+    """`--store`'s argparse type."""
+    try:
+        return check_spec(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def store_or_environment(given: str | None, parser: argparse.ArgumentParser) -> str:
+    """`--store` if given, else $STRIFE_STORE, else sqlite (CONTRACT §9); a bad $STRIFE_STORE is the parser's error."""
+    if given is not None:
+        return given
+    try:
+        return check_spec(os.environ.get("STRIFE_STORE") or SQLITE)
+    except ValueError as exc:
+        parser.error(f"STRIFE_STORE: {exc}")
 
 
 def open_store(spec: str, data_dir: Path) -> GatewayStore:
