@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import grpc
 from textual import on, work
-from textual.actions import SkipAction
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Center, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Static
@@ -15,6 +13,7 @@ from textual.worker import Worker, WorkerState
 from wallet_tui.core import OutboxUnavailable
 from wallet_tui.gateway import GatewayError
 from wallet_tui.messages import LoginResult
+from wallet_tui.widgets.keys import EnterMovesFocus, focus_keys
 
 
 def login_error_text(exc: GatewayError, address: str) -> str:
@@ -25,15 +24,8 @@ def login_error_text(exc: GatewayError, address: str) -> str:
     return f"Login failed: {exc.message or exc.code.name}"
 
 
-class LoginScreen(Screen):
-    # Tab, Shift+Tab and Enter in *Username* move the focus as the key is read, before the keys after it are
-    # handed on: a password manager's auto-type (or a paste) of "user<Tab>password<Enter>" arrives all at
-    # once, and a move made later, when the key has bubbled up from the field, would leave the password typed
-    # into the username.
-    BINDINGS = [("escape", "app.quit", "Quit"),
-                Binding("tab", "app.focus_next", show=False, priority=True),
-                Binding("shift+tab", "app.focus_previous", show=False, priority=True),
-                Binding("enter", "username_entered", show=False, priority=True)]
+class LoginScreen(EnterMovesFocus, Screen):
+    BINDINGS = [("escape", "app.quit", "Quit"), *focus_keys("#username", "#password")]
 
     def __init__(self, relogin: str | None = None) -> None:
         super().__init__()
@@ -59,11 +51,6 @@ class LoginScreen(Screen):
 
     def on_mount(self) -> None:
         self.query_one("#password" if self.relogin else "#username", Input).focus()
-
-    def action_username_entered(self) -> None:
-        if self.focused is not self.query_one("#username", Input):
-            raise SkipAction()  # Enter anywhere else does what it does there (submit, press the button)
-        self.set_focus(self.query_one("#password", Input))  # now: Widget.focus() would wait for the queue
 
     @on(Input.Submitted, "#password")
     @on(Button.Pressed, "#login")

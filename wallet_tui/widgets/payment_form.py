@@ -3,23 +3,17 @@ submit; Enter in the amount field submits."""
 from __future__ import annotations
 
 from textual import on
-from textual.actions import SkipAction
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Select, Static
 
 from wallet_tui.money import AmountError, parse_amount, valid_account
+from wallet_tui.widgets.keys import EnterMovesFocus, focus_keys
 
 
-class PaymentForm(Vertical):
-    # Enter in *To*, Tab and Shift+Tab move the focus as the key is read (priority bindings), before the keys
-    # after it are handed on: pasted or auto-typed "HDFC-2001<Enter>250<Enter>" must not become the account
-    # "HDFC-2001250" (see the login screen).
-    BINDINGS = [Binding("enter", "to_entered", show=False, priority=True),
-                Binding("tab", "app.focus_next", show=False, priority=True),
-                Binding("shift+tab", "app.focus_previous", show=False, priority=True)]
+class PaymentForm(EnterMovesFocus, Vertical):
+    BINDINGS = focus_keys("#to-account", "#amount")
 
     class Submitted(Message):
         def __init__(self, from_account: object, to_account: str, amount: str) -> None:
@@ -87,11 +81,6 @@ class PaymentForm(Vertical):
         error = self.query_one("#form-error", Static)
         error.update(problem)
         error.set_class(bool(problem), "-visible")
-
-    def action_to_entered(self) -> None:
-        if self.screen.focused is not self.query_one("#to-account", Input):
-            raise SkipAction()  # Enter elsewhere does what it does there: pay from *Amount*, open the list, …
-        self.screen.set_focus(self.query_one("#amount", Input))  # now, not after the queue (Widget.focus)
 
     @on(Input.Submitted, "#amount")
     @on(Button.Pressed, "#pay")
