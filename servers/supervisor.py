@@ -43,6 +43,10 @@ RESTART_HELP = (
     "in <data-dir>/logs/run_all.log, in the server's own log, and with --servers-only on run_all's output.")
 
 
+# run_all.log's lines, and the notes run_all writes into a server's own log.
+FILE_FORMAT = logging.Formatter("%(asctime)s run_all %(levelname)s %(message)s")
+
+
 def _positive(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -128,7 +132,7 @@ def open_log(path: Path, echo: TextIO | None) -> logging.Logger:
         logger.removeHandler(handler)
         handler.close()
     to_file = logging.FileHandler(path, encoding="utf-8")
-    to_file.setFormatter(logging.Formatter("%(asctime)s run_all %(levelname)s %(message)s"))
+    to_file.setFormatter(FILE_FORMAT)
     logger.addHandler(to_file)
     if echo is not None:
         to_echo = logging.StreamHandler(echo)
@@ -229,10 +233,9 @@ class Supervisor:
 
 def _note(server: Supervised, message: str) -> None:
     """A line in the server's own log, so a reader of it sees why the log restarts or ends there."""
-    now = time.time()
-    stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d}"
+    line = FILE_FORMAT.format(logging.makeLogRecord({"levelname": "WARNING", "msg": f"{server.name} {message}"}))
     try:
         with open(server.log_path, "a", encoding="utf-8") as log:  # the server is not running: no interleaving
-            log.write(f"{stamp} run_all WARNING {server.name} {message}\n")
+            log.write(line + "\n")
     except OSError:
         pass  # the log is for people; supervision goes on without it

@@ -115,7 +115,6 @@ class GrpcGateway:
             self.addresses = parse_gateways(address)
         except ValueError as exc:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"bad gateway address: {exc}") from None
-        self.address = address
         self.pay_timeout = pay_timeout
         self._credentials = grpc.ssl_channel_credentials(ca)
         self._lock = threading.Lock()

@@ -174,14 +174,15 @@ class Outbox:
         by wallets older than this one (TinyDB's counter as id) by their idempotency key, in one write per
         file. Reading is also what finds (and repairs) a damaged file."""
         with self._lock:
+            keys: dict[str, set[str]] = {}
             for db, name in ((self._done_db, "finished"), (self._hot_db, "pending")):
                 data = db.storage.read() or {}
                 table = data.get(name, {})
                 if any(doc_id != doc["key"] for doc_id, doc in table.items()):
-                    data[name] = {doc["key"]: doc for doc in table.values()}
+                    table = data[name] = {doc["key"]: doc for doc in table.values()}
                     db.storage.write(data)
-            done = {doc.doc_id for doc in self._done.all()}
-            stale = [doc.doc_id for doc in self._hot.all() if doc.doc_id in done]
+                keys[name] = set(table)  # the ids, which are now the keys
+            stale = sorted(keys["pending"] & keys["finished"])
             if stale:
                 self._hot.remove(doc_ids=stale)
 

@@ -62,14 +62,18 @@ def classify(result: PaymentReply | GatewayError) -> Classified:
     return Classified("final", "failed", result.message or result.code.name, result.code)
 
 
+def _backoff(attempts: int) -> float:
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempts - 1))
+
+
 def backoff_delay(attempts: int) -> float:
     """1 s, 2 s, 4 s … capped at 60 s, ±20 % jitter so many wallets do not resend in step."""
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempts - 1)) * random.uniform(*JITTER)
+    return _backoff(attempts) * random.uniform(*JITTER)
 
 
 def longest_backoff(attempts: int) -> float:
     """The most `backoff_delay(attempts)` can be."""
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempts - 1)) * JITTER[1]
+    return _backoff(attempts) * JITTER[1]
 
 
 def boot_clock() -> float:
