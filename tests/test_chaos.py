@@ -101,11 +101,6 @@ def test_chaos_cli_refuses_a_store_it_cannot_use_without_showing_a_password(
 
 
 # ---- defects the chaos run found -------------------------------------------------------------------------------
-def _undecided(cluster: Cluster) -> int:
-    with cluster.gateway_db() as db:
-        return db.execute("SELECT count(*) FROM idempotency_keys WHERE recovery_point = 'started'").fetchone()[0]
-
-
 def test_regression_prepare_vote_timeout_after_a_gateway_stall_fails_the_payment_cleanly(
         make_cluster: Callable[..., Cluster]) -> None:
     """Found by the chaos run (seed 11): the gateway was frozen (SIGSTOP) while Prepares were outstanding. On
@@ -134,7 +129,7 @@ def test_regression_prepare_vote_timeout_after_a_gateway_stall_fails_the_payment
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: _undecided(cluster) == len(routes), txn_timeout,
+        wait_until(lambda: cluster.view.count_keys("started") == len(routes), txn_timeout,
                    message="every payment to wait for its votes")
         cluster.procs["gateway"].pause()
         # The fault itself, not synchronisation: the vote deadline and its grace pass while the gateway is frozen.

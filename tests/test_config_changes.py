@@ -40,11 +40,6 @@ def refused(call: Callable[..., object], *args: object) -> grpc.RpcError:
     return err.value
 
 
-def stored_keys(cluster: Cluster) -> int:
-    with cluster.gateway_db() as db:
-        return db.execute("SELECT count(*) FROM idempotency_keys").fetchone()[0]
-
-
 def assert_replayed(again: pb.PaymentResponse, first: pb.PaymentResponse) -> None:
     assert again.replayed and not first.replayed
     again.replayed = False
@@ -64,7 +59,7 @@ def test_payment_replays_after_its_bank_is_removed_from_banks_json(cluster: Clus
     assert refused(alice.pay, k, "SBI-1001", "HDFC-2001", 26).code() == grpc.StatusCode.FAILED_PRECONDITION
     error = refused(alice.pay, key(), "SBI-1001", "HDFC-2001", 25)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown bank 'HDFC'" in error.details()
-    assert stored_keys(cluster) == 1  # the refused key stored nothing
+    assert cluster.view.count_keys() == 1  # the refused key stored nothing
     assert cluster.balance("SBI-1001") == 500_000 - 2_500 and cluster.balance("HDFC-2001") == 300_000 + 2_500
     assert cluster.total() == OPENING_TOTAL and cluster.holds() == 0
 
@@ -85,7 +80,7 @@ def test_payment_replays_after_its_account_moves_to_another_user(cluster: Cluste
     assert_replayed(alice.pay(k, "HDFC-2002", "SBI-1002", 40), first)
     error = refused(alice.pay, key(), "HDFC-2002", "SBI-1002", 40)  # a new payment from it: no longer hers
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert stored_keys(cluster) == 1
+    assert cluster.view.count_keys() == 1
     assert cluster.client("carol").pay(key(), "HDFC-2002", "SBI-1002", 10).status == SUCCEEDED  # now carol's
     assert cluster.balance("HDFC-2002") == 150_000 - 5_000 and cluster.balance("SBI-1002") == 250_000 + 5_000
     assert cluster.total() == OPENING_TOTAL and cluster.holds() == 0
@@ -101,7 +96,7 @@ def test_payment_replays_after_the_maximum_is_lowered(cluster: Cluster) -> None:
     assert_replayed(alice.pay(k, "SBI-1001", "HDFC-2001", 1000), first)
     error = refused(alice.pay, key(), "SBI-1001", "HDFC-2001", 1000)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "maximum of ₹500.00" in error.details()
-    assert stored_keys(cluster) == 1
+    assert cluster.view.count_keys() == 1
     assert alice.pay(key(), "SBI-1001", "HDFC-2001", 500).status == SUCCEEDED  # the maximum itself is allowed
     assert cluster.balance("SBI-1001") == 500_000 - 150_000 and cluster.balance("HDFC-2001") == 300_000 + 150_000
     assert cluster.total() == OPENING_TOTAL and cluster.holds() == 0
@@ -156,4 +151,4 @@ def test_same_key_other_parameters_is_still_a_mismatch_when_the_new_ones_are_ref
     # Another user's account and an unknown bank: the key's other use is what the caller needs to hear.
     assert refused(alice.pay, k, "HDFC-2001", "SBI-1001", 5).code() == grpc.StatusCode.FAILED_PRECONDITION
     assert refused(alice.pay, k, "SBI-1001", "AXIS-1", 5).code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert stored_keys(cluster) == 1 and cluster.balance("SBI-1001") == 500_000 - 500
+    assert cluster.view.count_keys() == 1 and cluster.balance("SBI-1001") == 500_000 - 500

@@ -13,17 +13,9 @@ import grpc
 
 from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
-from tests.harness import (OPENING, OPENING_TOTAL, PASSWORDS, REPO, _bindable, free_port, health_ok,
+from tests.harness import (OPENING, OPENING_TOTAL, PASSWORDS, REPO, free_port, free_port_base, health_ok,
                            run_all_servers, server_processes, write_config)
 from tests.store_view import StoreView
-
-
-def _consecutive_free_ports(n: int) -> int:
-    for _ in range(100):
-        first = free_port()
-        if all(_bindable(first + i) for i in range(1, n)):
-            return first
-    raise AssertionError(f"no {n} consecutive free ports")
 
 
 def _dirs(tmp_path: Path) -> list[str]:
@@ -34,7 +26,7 @@ def _dirs(tmp_path: Path) -> list[str]:
 
 def test_run_all_starts_replicas_on_one_postgresql_store_and_a_key_is_one_key_across_them(
         tmp_path: Path, postgres_url: str) -> None:
-    first = _consecutive_free_ports(2)
+    first = free_port_base([0, 1])
     certs, data = tmp_path / "certs", tmp_path / "data"
     proc, banner = run_all_servers(*_dirs(tmp_path), "--gateways", "2", "--store", postgres_url, "--gateway-port",
                                    str(first))
