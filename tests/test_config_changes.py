@@ -18,8 +18,8 @@ import pytest
 
 from protofiles import payment_pb2 as pb
 from tests.harness import OPENING_ACCOUNTS, OPENING_TOTAL, Client, Cluster, wait_until
-from tests.test_crash_recovery import (TXN_TIMEOUT, key_row, pay_into_the_crash, start_extra_gateway,
-                                       start_with_gateway_crash_at)
+from tests.gateway_support import (TXN_TIMEOUT, key_row, pay_into_the_crash, start_extra_gateway,
+                                   start_with_gateway_crash_at)
 
 SUCCEEDED, FAILED = pb.PAYMENT_STATUS_SUCCEEDED, pb.PAYMENT_STATUS_FAILED
 

@@ -7,111 +7,30 @@ each transaction id at each bank, and that the total of all balances never chang
 from __future__ import annotations
 
 import random
-import signal
 import sqlite3
 import threading
 import time
 import uuid
-from typing import Callable
 
 import grpc
 import pytest
 
 from protofiles import payment_pb2 as pb
 from servers.faults import POINTS
-from tests.harness import OPENING, OPENING_TOTAL, Client, Cluster, Proc, free_port, send_duplicates, wait_until
+from tests.harness import OPENING, Client, Cluster, Proc, send_duplicates, wait_until
+from tests.gateway_support import (AT_CRASH, FAILED, MOVES_MONEY, RETRYABLE, SUCCEEDED, TXN_TIMEOUT, MakeCluster,
+                                   assert_conserved, committed, key, key_row, pay_into_the_crash, payments_with_key,
+                                   start_extra_gateway, start_with_gateway_crash_at, start_with_gateway_env,
+                                   wait_killed_itself, wait_settled)
 from tests.pg_support import on_both_stores
-from tests.store_view import KeyRow
 from tests.tcpproxy import TcpProxy
 
-MakeCluster = Callable[..., Cluster]
 gateway_store = on_both_stores  # every cluster test here runs on SQLite and on PostgreSQL
-SUCCEEDED, FAILED = pb.PAYMENT_STATUS_SUCCEEDED, pb.PAYMENT_STATUS_FAILED
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-             grpc.StatusCode.CANCELLED)
-
-
-# Generous: these tests are about crashes, not slow banks, and a loaded machine must not turn a YES into a timeout.
-TXN_TIMEOUT = 5.0
 
 
 @pytest.fixture
 def cluster(make_cluster: MakeCluster) -> Cluster:
     return make_cluster(txn_timeout=TXN_TIMEOUT)
-
-
-def key() -> str:
-    return f"test-{uuid.uuid4()}"
-
-
-# ---- reading the gateway's store (either backend: tests/store_view.py) -------------------------------------
-def key_row(cluster: Cluster, user: str, idem_key: str) -> KeyRow | None:
-    return cluster.view.key_row(user, idem_key)
-
-
-def payments_with_key(cluster: Cluster, user: str, idem_key: str) -> list[tuple[str, str]]:
-    """(txn_id, status) of every payment ever executed under this key, oldest first."""
-    return cluster.view.payments_with_key(user, idem_key)
-
-
-def committed(cluster: Cluster, bank: str) -> set[str]:
-    return {t for t, state in cluster.txn_states(bank).items() if state == "committed"}
-
-
-# ---- processes -------------------------------------------------------------------------------------------------
-def start_with_gateway_crash_at(make_cluster: MakeCluster, point: str, **kwargs) -> Cluster:
-    """Banks and a gateway armed to SIGKILL itself when a payment reaches `point`."""
-    return start_with_gateway_env(make_cluster, {"STRIFE_CRASH_AT": point}, **kwargs)
-
-
-def start_with_gateway_env(make_cluster: MakeCluster, env: dict[str, str], **kwargs) -> Cluster:
-    """Banks and a gateway with `env` (a crash or delay point) in its environment."""
-    cluster = make_cluster(start=False, **{"txn_timeout": TXN_TIMEOUT, **kwargs})
-    for bank in OPENING:
-        cluster.procs[bank] = cluster.bank_proc(bank).start()
-    gateway = cluster.gateway_proc()
-    gateway.env = env
-    cluster.procs["gateway"] = gateway.start()
-    for bank in OPENING:
-        cluster.wait_bank(bank)
-    cluster.wait_gateway()
-    return cluster
-
-
-def start_extra_gateway(cluster: Cluster, name: str, crash_at: str | None = None) -> int:
-    """Another gateway process on the same store (the SQLite file in the same --data-dir, or the same PostgreSQL
-    database); returns its port."""
-    port = free_port()
-    proc = cluster.gateway_proc(port=port, name=name)
-    if crash_at:
-        proc.env = {"STRIFE_CRASH_AT": crash_at}
-    cluster.procs[name] = proc.start()
-    cluster.wait_gateway(port=port, name=name)
-    return port
-
-
-def wait_killed_itself(proc: Proc) -> None:
-    wait_until(lambda: not proc.alive, 10, message=f"{proc.name} to SIGKILL itself at its crash point")
-    assert proc.popen.returncode == -signal.SIGKILL, proc.log()[-2000:]
-
-
-def pay_into_the_crash(cluster: Cluster, client: Client, k: str, amount: float) -> str:
-    """Pay through the gateway armed to SIGKILL itself at its crash point: the call fails, the gateway is gone,
-    and what it left is stored under the key. The key's transaction id."""
-    with pytest.raises(grpc.RpcError):
-        client.pay(k, "SBI-1001", "HDFC-2001", amount)
-    wait_killed_itself(cluster.procs["gateway"])
-    return key_row(cluster, client.user, k).txn_id
-
-
-def wait_settled(cluster: Cluster, timeout: float = 15) -> None:
-    wait_until(lambda: cluster.unfinished_payments() == 0, timeout, message="every payment to be finished")
-    wait_until(lambda: cluster.holds() == 0, timeout, message="every hold to be released")
-
-
-def assert_conserved(cluster: Cluster) -> None:
-    assert cluster.total() == OPENING_TOTAL
-    assert cluster.holds() == 0
 
 
 def assert_settled_once(cluster: Cluster, k: str, txn: str, moved: bool, paise: int) -> None:
@@ -204,17 +123,7 @@ def test_replay_after_gateway_restart_returns_stored_response_without_new_debit(
     assert_conserved(cluster)
 
 
-# ---- a crash at each recovery point --------------------------------------------------------------------------
-# Where the payment stands when the gateway dies at each point: the key's recovery point, and what the banks hold.
-AT_CRASH = {
-    "after_claim": ("started", None),            # no bank has heard of it
-    "after_prepare": ("started", "prepared"),    # both banks voted YES and hold it
-    "after_decide": ("commit_decided", "prepared"),
-    "after_deliver": ("commit_decided", "committed"),  # both banks committed; only 'finished' is missing
-}
-MOVES_MONEY = {"after_claim": False, "after_prepare": False, "after_decide": True, "after_deliver": True}
-
-
+# ---- a crash at each recovery point (AT_CRASH, MOVES_MONEY: tests/gateway_support.py) -------------------------
 @pytest.mark.parametrize("settled_by", ["retry", "startup_recovery"])
 @pytest.mark.parametrize("point", POINTS)
 def test_gateway_crash_at_recovery_point_settles_exactly_once(make_cluster: MakeCluster, point: str,

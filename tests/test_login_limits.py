@@ -19,7 +19,7 @@ from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from servers.gateway.login_guard import FailureWindows, LoginGuard, LoginLimits, LoginRefused, peer_key
 from tests.harness import OPENING_TOTAL, PASSWORDS, Cluster, wait_until
-from tests.test_crash_recovery import start_with_gateway_env
+from tests.gateway_support import start_with_gateway_env
 
 EXHAUSTED, UNAUTHENTICATED = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED
 WINDOW = 4.0  # s: long enough for a burst, short enough to wait out

@@ -21,8 +21,8 @@ from servers.bank.metrics import BankMetrics, BankMetricsOff
 from servers.gateway.metrics import GatewayMetrics, GatewayMetricsOff
 from tests.harness import (OPENING, OPENING_ACCOUNTS, OPENING_TOTAL, REPO, Cluster, free_port, free_port_base,
                            run_all_servers, scrape, server_processes, wait_until, write_config)
-from tests.test_crash_recovery import (assert_conserved, start_with_gateway_crash_at, wait_killed_itself,
-                                       wait_settled)
+from tests.gateway_support import (assert_conserved, start_with_gateway_crash_at, wait_killed_itself,
+                                   wait_settled)
 
 
 def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -246,7 +246,8 @@ async def test_a_schema_migrated_by_a_newer_gateway_is_refused_at_start(postgres
     async with replica(postgres_url):
         pass
     newest = len(migrations())
-    await fetch(postgres_url, "INSERT INTO schema_migrations (version, name) VALUES ($1, 'from the future')", newest + 1)
+    await fetch(postgres_url, "INSERT INTO schema_migrations (version, name) VALUES ($1, 'from the future')",
+                newest + 1)
     with pytest.raises(StoreUnavailable) as refused:
         await PostgresStore(postgres_url, FAST).start()
     assert f"its schema is at version {newest + 1}, newer than this gateway knows ({newest})" in str(refused.value)

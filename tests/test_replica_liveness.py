@@ -20,13 +20,12 @@ import pytest
 from servers.gateway.store.postgres_sql import LIVENESS_APPLICATION, OWNER_LOCK_SPACE
 from tests.harness import OPENING, Client, Cluster, health_ok, wait_until
 from tests.tcpproxy import TcpProxy
-from tests.test_crash_recovery import (FAILED, SUCCEEDED, assert_conserved, key, key_row, payments_with_key,
-                                       wait_settled)
+from tests.gateway_support import (FAILED, SUCCEEDED, MakeCluster, assert_conserved, key, key_row, payments_with_key,
+                                   wait_settled)
 from tests.test_pg_faults import proxied
 from tests.test_pg_store import fetch
 from tests.test_replicas import start_replicas
 
-MakeCluster = Callable[..., Cluster]
 pytestmark = pytest.mark.timeout(120)
 LATE = 2.0  # seconds a replica waits between the votes and storing its decision: time for the faults
 

@@ -14,7 +14,6 @@ import random
 import threading
 import time
 import uuid
-from typing import Callable
 
 import grpc
 import pytest
@@ -23,11 +22,10 @@ from protofiles import payment_pb2 as pb
 from protofiles import payment_pb2_grpc as pbg
 from servers.faults import POINTS
 from tests.harness import OPENING, Client, Cluster, free_port, send_duplicates, wait_until
-from tests.test_crash_recovery import (AT_CRASH, MOVES_MONEY, RETRYABLE, SUCCEEDED, FAILED, TXN_TIMEOUT,
-                                       assert_conserved, committed, key, key_row, payments_with_key,
-                                       wait_killed_itself, wait_settled)
+from tests.gateway_support import (AT_CRASH, FAILED, MOVES_MONEY, RETRYABLE, SUCCEEDED, TXN_TIMEOUT, MakeCluster,
+                                   assert_conserved, committed, key, key_row, payments_with_key, wait_killed_itself,
+                                   wait_settled)
 
-MakeCluster = Callable[..., Cluster]
 pytestmark = pytest.mark.timeout(120)
 # A replica whose completer passes once at its start and not again during a test: what it finishes, a retry did.
 QUIET_COMPLETER = ["--completer-interval", "600"]

@@ -19,7 +19,7 @@ from servers.config import credential_id, hash_password
 from servers.gateway.store.sqlite_sessions import Sessions
 from servers.sqlite_store import SQLiteStore
 from tests.harness import OPENING_ACCOUNTS, OPENING_TOTAL, PASSWORDS, Client, Cluster, write_config
-from tests.test_crash_recovery import start_extra_gateway
+from tests.gateway_support import start_extra_gateway
 from tests.test_security import RPCS, call_rpc, code_of
 from tests.wallet_support import wallet_argv
 from wallet_tui.core import WalletCore

@@ -9,16 +9,15 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Callable
 
 import grpc
 import pytest
 
 from protofiles import payment_pb2 as pb
+from tests.gateway_support import MakeCluster, assert_conserved, wait_settled
 from tests.pg_support import on_both_stores
-from tests.harness import OPENING, OPENING_TOTAL, Cluster, wait_until
+from tests.harness import OPENING, Cluster, wait_until
 
-MakeCluster = Callable[..., Cluster]
 SUCCEEDED, DECLINED, FAILED = pb.PAYMENT_STATUS_SUCCEEDED, pb.PAYMENT_STATUS_DECLINED, pb.PAYMENT_STATUS_FAILED
 OPENING_PAISE = {a: int(round(v * 100)) for accounts in OPENING.values() for a, v in accounts.items()}
 
@@ -36,16 +35,6 @@ def key() -> str:
 
 def balances(cluster: Cluster) -> dict[str, int]:
     return {account: balance for account, (balance, _) in cluster.accounts().items()}
-
-
-def assert_conserved(cluster: Cluster) -> None:
-    assert cluster.total() == OPENING_TOTAL
-    assert cluster.holds() == 0
-
-
-def wait_settled(cluster: Cluster, timeout: float = 15) -> None:
-    wait_until(lambda: cluster.unfinished_payments() == 0, timeout, message="every payment to be finished")
-    wait_until(lambda: cluster.holds() == 0, timeout, message="every hold to be released")
 
 
 # ---- a prepared hold survives a bank restart ---------------------------------------------------------------------

@@ -11,14 +11,13 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import pytest
 
 from tests.harness import OPENING_TOTAL, PASSWORDS, Cluster, Proc, free_port, health_ok, wait_until
 from tests.pg_support import BOTH_STORES
-from tests.test_crash_recovery import key_row, payments_with_key, start_extra_gateway
+from tests.gateway_support import MakeCluster, key_row, payments_with_key, start_extra_gateway
 from tests.wallet_support import Toasts, history_statuses, login, pay, pending_count, wait_for, wallet_argv
 from wallet_tui.app import make_app
 from wallet_tui.core import WalletCore
@@ -27,7 +26,6 @@ from wallet_tui.replicas import channel_target, failover_pause
 from wallet_tui.settings import parse_args
 from wallet_tui.sync import Event, Finished, WentOffline
 
-MakeCluster = Callable[..., Cluster]
 TXN_TIMEOUT = 5.0  # these tests are about replicas, not slow banks: a loaded machine must not fail a payment
 PAYMENTS = "method=/PaymentGateway/ProcessPayment"
 
