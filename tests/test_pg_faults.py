@@ -22,7 +22,7 @@ from servers.gateway.store.records import ClaimKind
 from tests.harness import free_port
 from tests.pg_support import eventually
 from tests.tcpproxy import TcpProxy
-from tests.test_pg_store import FAST, PAY, THIS_DATABASE, lock_gone, fetch, key_row, replica
+from tests.pg_store_support import FAST, PAY, THIS_DATABASE, lock_gone, fetch, key_row, replica
 
 pytestmark = pytest.mark.timeout(90)
 

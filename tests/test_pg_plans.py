@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from servers.gateway.store.records import ClaimKind
-from tests.test_pg_store import PAY, decide, fetch, replica
+from tests.pg_store_support import PAY, decide, fetch, replica
 
 pytestmark = pytest.mark.timeout(90)
 

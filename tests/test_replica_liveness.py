@@ -23,7 +23,7 @@ from tests.tcpproxy import TcpProxy
 from tests.gateway_support import (FAILED, SUCCEEDED, MakeCluster, assert_conserved, key, key_row, payments_with_key,
                                    wait_settled)
 from tests.test_pg_faults import proxied
-from tests.test_pg_store import fetch
+from tests.pg_store_support import fetch
 from tests.test_replicas import start_replicas
 
 pytestmark = pytest.mark.timeout(120)
