@@ -4,17 +4,12 @@ every link the run cuts going through a TcpProxy: each gateway → each bank, an
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from bench.chaos_config import ChaosConfig
 from bench.chaos_store import ChaosStore
 from tests.harness import OPENING, Cluster, Proc, free_port
 from tests.tcpproxy import TcpProxy
-
-# What a gateway logs when it takes an owner identity: at start (either store), and again after it lost its
-# PostgreSQL session (pg_liveness). The last one in its log is the owner it runs as now.
-_OWNER = re.compile(r"\(owner (\S+), store |is now owner (\d+) \(was ")
 
 
 class ChaosCluster:
@@ -66,8 +61,7 @@ class ChaosCluster:
 
     def owner_of(self, name: str) -> str | None:
         """The owner id replica `name` runs as now, as its log says (None if it has logged none yet)."""
-        found = _OWNER.findall(self.procs[name].log())
-        return (found[-1][0] or found[-1][1]) if found else None
+        return self.cluster.logged_owner(name)
 
     def gateway_log(self) -> str:
         """Every replica's log (one file per replica across its restarts)."""

@@ -409,9 +409,14 @@ class Cluster:
     def owner_of(self, name: str = "gateway") -> str:
         """The owner id a gateway process logged at start (the latest, if it took a new one since: a replica
         whose PostgreSQL session was lost logs "this replica is now owner N (was M)" once it is back)."""
+        owner = self.logged_owner(name)
+        assert owner is not None, f"{name} logged no owner id"
+        return owner
+
+    def logged_owner(self, name: str) -> str | None:
+        """`owner_of`, or None while the process has logged none yet."""
         ids = re.findall(r"\(owner (\S+), store|is now owner (\d+) \(was", self.procs[name].log())
-        assert ids, f"{name} logged no owner id"
-        return next(i for i in ids[-1] if i)
+        return next(i for i in ids[-1] if i) if ids else None
 
 
 OPENING_TOTAL = sum(int(round(v * 100)) for accounts in OPENING.values() for v in accounts.values())
