@@ -319,9 +319,12 @@ class Cluster:
                    timeout, 0.05, f"bank {bank} health")
 
     def wait_gateway(self, port: int | None = None, name: str = "gateway", timeout: float = 20) -> None:
-        creds = grpc.ssl_channel_credentials((self.certs_dir / "ca.crt").read_bytes())
-        wait_until(lambda: self._check_alive(name) and health_ok(f"localhost:{port or self.gateway_port}", creds),
-                   timeout, 0.05, f"{name} health")
+        wait_until(lambda: self._check_alive(name) and self.serving(port=port), timeout, 0.05, f"{name} health")
+
+    def serving(self, name: str = "gateway", port: int | None = None) -> bool:
+        """Whether gateway `name` (or the one at `port`) answers its health check SERVING."""
+        address = f"localhost:{port}" if port else self.gateway_address(name)
+        return health_ok(address, grpc.ssl_channel_credentials((self.certs_dir / "ca.crt").read_bytes()))
 
     def _check_alive(self, name: str) -> bool:
         proc = self.procs[name]

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from servers.gateway.store.postgres_sql import LIVENESS_APPLICATION, OWNER_LOCK_SPACE
-from tests.harness import OPENING, Client, Cluster, health_ok, wait_until
+from tests.harness import OPENING, Client, Cluster, wait_until
 from tests.tcpproxy import TcpProxy
 from tests.gateway_support import (FAILED, SUCCEEDED, MakeCluster, assert_conserved, key, key_row, payments_with_key,
                                    wait_settled)
@@ -28,11 +28,6 @@ from tests.test_replicas import start_replicas
 
 pytestmark = pytest.mark.timeout(120)
 LATE = 2.0  # seconds a replica waits between the votes and storing its decision: time for the faults
-
-
-def serving(cluster: Cluster, name: str) -> bool:
-    credentials = grpc.ssl_channel_credentials((cluster.certs_dir / "ca.crt").read_bytes())
-    return health_ok(cluster.gateway_address(name), credentials)
 
 
 def sql(url: str, statement: str, *args: object) -> list[tuple]:
@@ -103,7 +98,7 @@ def test_a_replica_whose_store_session_is_killed_stops_until_it_has_a_new_one_an
 
     with no_new_owner_numbers(postgres_url):
         sql(postgres_url, "SELECT pg_terminate_backend($1)", liveness_backend(postgres_url, old_owner))
-        wait_until(lambda: not serving(cluster, "gateway2"), 5, message="NOT_SERVING")
+        wait_until(lambda: not cluster.serving("gateway2"), 5, message="NOT_SERVING")
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as refused:  # its pool still works: it refuses, it does not hang
             alice.pay(key(), "SBI-1001", "HDFC-2001", 1, timeout=5)
@@ -115,10 +110,10 @@ def test_a_replica_whose_store_session_is_killed_stops_until_it_has_a_new_one_an
                            message="the survivor to take the payment over and finish it")
         assert (taken.epoch, taken.response.status) == (2, FAILED)
         assert f"aborted undecided payment {txn}" in cluster.procs["gateway"].log()
-        assert not serving(cluster, "gateway2")  # still without a session: still not serving
+        assert not cluster.serving("gateway2")  # still without a session: still not serving
 
     # A new owner number: it serves again, the same process, not restarted.
-    wait_until(lambda: serving(cluster, "gateway2"), 10, message="SERVING again")
+    wait_until(lambda: cluster.serving("gateway2"), 10, message="SERVING again")
     new_owner = cluster.owner_of("gateway2")
     assert new_owner != old_owner and stale.alive
     assert f"this replica is now owner {new_owner} (was {old_owner})" in stale.log()
@@ -153,7 +148,7 @@ def test_a_replica_that_loses_its_store_fails_fast_half_does_nothing_and_serves_
         # A payment in flight when the store goes: both banks voted YES and hold the money.
         k, txn, payer, answer = pay_until_both_banks_hold(cluster, alice, 20)
         proxy.cut()
-        wait_until(lambda: not serving(cluster, "gateway"), 5, message="NOT_SERVING")
+        wait_until(lambda: not cluster.serving("gateway"), 5, message="NOT_SERVING")
         for attempt in (lambda: alice.pay(key(), "SBI-1001", "HDFC-2001", 1, timeout=5),  # refused, not hung
                         lambda: alice.history(),
                         lambda: cluster.client("bob")):
@@ -170,7 +165,7 @@ def test_a_replica_that_loses_its_store_fails_fast_half_does_nothing_and_serves_
         assert cluster.balance("SBI-1001") == 500_000 and cluster.holds() == 2_000  # held, not moved
 
         proxy.restore()
-        wait_until(lambda: serving(cluster, "gateway"), 15, message="SERVING again")
+        wait_until(lambda: cluster.serving("gateway"), 15, message="SERVING again")
         assert gateway.alive and gateway.popen.pid == pid and cluster.owner_of() != old_owner
         # What it held under its old identity is recovered like a dead replica's — by itself: aborted, released.
         wait_settled(cluster)

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.harness import OPENING_TOTAL, PASSWORDS, Cluster, Proc, free_port, health_ok, wait_until
+from tests.harness import OPENING_TOTAL, PASSWORDS, Cluster, Proc, free_port, wait_until
 from tests.pg_support import BOTH_STORES
 from tests.gateway_support import MakeCluster, key_row, payments_with_key, start_extra_gateway
 from tests.wallet_support import Toasts, history_statuses, login, pay, pending_count, wait_for, wallet_argv
@@ -176,8 +176,7 @@ def test_a_hung_replica_is_left_out_within_seconds_and_every_payment_is_paid_by_
     finally:
         hung.popen.send_signal(signal.SIGCONT)
     # Back, it may find a request that reached it while it was stopped: its key replays, nothing moves twice.
-    credentials = grpc.ssl_channel_credentials((cluster.certs_dir / "ca.crt").read_bytes())
-    wait_until(lambda: health_ok(f"localhost:{port2}", credentials), 15, message="the replica serving again")
+    wait_until(lambda: cluster.serving(port=port2), 15, message="the replica serving again")
     each_key_paid_once(cluster, keys)
     assert_moved(cluster, 100 + 101 + sum(range(200, 206)))
     core.close()
@@ -249,10 +248,9 @@ def test_a_replica_reporting_not_serving_gets_no_calls_until_it_serves_again(mak
     switchable, port2 = switchable_gateway(cluster, "gateway2")
     other = cluster.procs["gateway"]
     core = wallet_core(cluster, tmp_path, cluster.gateway_port, port2)
-    credentials = grpc.ssl_channel_credentials((cluster.certs_dir / "ca.crt").read_bytes())
 
     switchable.popen.send_signal(signal.SIGUSR1)
-    wait_until(lambda: not health_ok(f"localhost:{port2}", credentials), 5, message="NOT_SERVING")
+    wait_until(lambda: not cluster.serving(port=port2), 5, message="NOT_SERVING")
     keys = []
     for i in range(6):
         k, events = pay_now(core, 300 + i)
@@ -303,8 +301,7 @@ def test_a_draining_replica_finishes_its_payment_while_new_ones_go_to_the_other(
     slow_key = entry.key
 
     draining.popen.send_signal(signal.SIGTERM)     # NOT_SERVING, port closed, in-flight calls may finish
-    credentials = grpc.ssl_channel_credentials((cluster.certs_dir / "ca.crt").read_bytes())
-    wait_until(lambda: not health_ok(f"localhost:{port2}", credentials), 5, message="the replica to stop serving")
+    wait_until(lambda: not cluster.serving(port=port2), 5, message="the replica to stop serving")
     before = payments_on(other)
     for i in range(3):
         k, events = pay_now(core, 700 + i)
