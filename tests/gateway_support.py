@@ -69,13 +69,16 @@ def start_with_gateway_env(make_cluster: MakeCluster, env: dict[str, str], **kwa
     return cluster
 
 
-def start_extra_gateway(cluster: Cluster, name: str, crash_at: str | None = None) -> int:
+def start_extra_gateway(cluster: Cluster, name: str, crash_at: str | None = None, *,
+                        env: dict[str, str] | None = None, wrapper: str | None = None) -> int:
     """Another gateway process on the same store (the SQLite file in the same --data-dir, or the same PostgreSQL
-    database); returns its port."""
+    database); returns its port. `crash_at`/`env`: a crash or delay point in its environment; `wrapper`: a
+    module that runs the gateway (tests/health_switch.py)."""
     port = free_port()
     proc = cluster.gateway_proc(port=port, name=name)
-    if crash_at:
-        proc.env = {"STRIFE_CRASH_AT": crash_at}
+    proc.env = {**(env or {}), **({"STRIFE_CRASH_AT": crash_at} if crash_at else {})}
+    if wrapper:
+        proc.args = [wrapper, *proc.args]
     cluster.procs[name] = proc.start()
     cluster.wait_gateway(port=port, name=name)
     return port

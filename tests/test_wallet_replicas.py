@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.harness import OPENING_TOTAL, PASSWORDS, Cluster, Proc, free_port, wait_until
+from tests.harness import OPENING_TOTAL, PASSWORDS, Cluster, Proc, wait_until
 from tests.pg_support import BOTH_STORES
 from tests.gateway_support import MakeCluster, key_row, payments_with_key, start_extra_gateway
 from tests.wallet_support import Toasts, history_statuses, login, pay, pending_count, wait_for, wallet_argv
@@ -234,12 +234,8 @@ def test_offline_only_when_no_replica_answers_and_the_queue_drains_when_one_retu
 
 def switchable_gateway(cluster: Cluster, name: str) -> tuple[Proc, int]:
     """A real gateway on the shared store whose health a test sets (tests/health_switch.py)."""
-    port = free_port()
-    proc = cluster.gateway_proc(port=port, name=name)
-    proc.args = ["tests.health_switch", *proc.args]
-    cluster.procs[name] = proc.start()
-    cluster.wait_gateway(port=port, name=name)
-    return proc, port
+    port = start_extra_gateway(cluster, name, wrapper="tests.health_switch")
+    return cluster.procs[name], port
 
 
 def test_a_replica_reporting_not_serving_gets_no_calls_until_it_serves_again(make_cluster: MakeCluster,
@@ -278,11 +274,9 @@ def test_a_replica_reporting_not_serving_gets_no_calls_until_it_serves_again(mak
 def test_a_draining_replica_finishes_its_payment_while_new_ones_go_to_the_other(make_cluster: MakeCluster,
                                                                                 tmp_path: Path) -> None:
     cluster = make_cluster(txn_timeout=TXN_TIMEOUT)
-    port2 = free_port()
-    draining = cluster.gateway_proc(port=port2, name="gateway2")
-    draining.env = {"STRIFE_DELAY_AT": "after_claim:3"}   # its payments take 3 s: long enough to stop it meanwhile
-    cluster.procs["gateway2"] = draining.start()
-    cluster.wait_gateway(port=port2, name="gateway2")
+    # Its payments take 3 s: long enough to stop it meanwhile.
+    port2 = start_extra_gateway(cluster, "gateway2", env={"STRIFE_DELAY_AT": "after_claim:3"})
+    draining = cluster.procs["gateway2"]
     other = cluster.procs["gateway"]
     core = wallet_core(cluster, tmp_path, cluster.gateway_port, port2)
 
