@@ -4,6 +4,7 @@ every payment settled and money is conserved."""
 from __future__ import annotations
 
 import signal
+import threading
 import uuid
 from typing import Callable
 
@@ -106,3 +107,13 @@ def wait_settled(cluster: Cluster, timeout: float = 15) -> None:
 def assert_conserved(cluster: Cluster) -> None:
     assert cluster.total() == OPENING_TOTAL
     assert cluster.holds() == 0
+
+
+def run_together(threads: list[threading.Thread], failures: list[BaseException], timeout: float = 60) -> None:
+    """Start the payers and the fault-maker at once, wait for all of them, and fail on anything they raised."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not failures, failures
+    assert not any(t.is_alive() for t in threads)

@@ -20,8 +20,8 @@ from servers.faults import POINTS
 from tests.harness import OPENING, Client, Cluster, Proc, send_duplicates, wait_until
 from tests.gateway_support import (AT_CRASH, FAILED, MOVES_MONEY, RETRYABLE, SUCCEEDED, TXN_TIMEOUT, MakeCluster,
                                    assert_conserved, committed, key, key_row, pay_into_the_crash, payments_with_key,
-                                   start_extra_gateway, start_with_gateway_crash_at, start_with_gateway_env,
-                                   wait_killed_itself, wait_settled)
+                                   run_together, start_extra_gateway, start_with_gateway_crash_at,
+                                   start_with_gateway_env, wait_killed_itself, wait_settled)
 from tests.pg_support import on_both_stores
 from tests.tcpproxy import TcpProxy
 
@@ -215,14 +215,8 @@ def test_gateway_kill9_at_random_moments_settles_each_key_exactly_once(cluster: 
         finally:
             chaos_over.set()
 
-    threads = [threading.Thread(target=payer, args=(i, *route)) for i, route in enumerate(routes)]
-    threads.append(threading.Thread(target=driver))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not failures, failures
-    assert not any(t.is_alive() for t in threads)
+    run_together([*(threading.Thread(target=payer, args=(i, *route)) for i, route in enumerate(routes)),
+                  threading.Thread(target=driver)], failures)
     assert interrupted_calls[0] > 0, "the kills never hit a client"
 
     wait_settled(cluster)

@@ -23,8 +23,8 @@ from protofiles import payment_pb2_grpc as pbg
 from servers.faults import POINTS
 from tests.harness import OPENING, Client, Cluster, free_port, send_duplicates, wait_until
 from tests.gateway_support import (AT_CRASH, FAILED, MOVES_MONEY, RETRYABLE, SUCCEEDED, TXN_TIMEOUT, MakeCluster,
-                                   assert_conserved, committed, key, key_row, payments_with_key, wait_killed_itself,
-                                   wait_settled)
+                                   assert_conserved, committed, key, key_row, payments_with_key, run_together,
+                                   wait_killed_itself, wait_settled)
 
 pytestmark = pytest.mark.timeout(120)
 # A replica whose completer passes once at its start and not again during a test: what it finishes, a retry did.
@@ -261,14 +261,8 @@ def test_replicas_killed_at_random_moments_under_load_settle_every_key_once(
         finally:
             kills_over.set()
 
-    threads = [threading.Thread(target=payer, args=(i, *route)) for i, route in enumerate(ROUTES)]
-    threads.append(threading.Thread(target=killer))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not failures, failures
-    assert not any(t.is_alive() for t in threads)
+    run_together([*(threading.Thread(target=payer, args=(i, *route)) for i, route in enumerate(ROUTES)),
+                  threading.Thread(target=killer)], failures)
     assert interrupted, "the kills never cut a call"
     wait_settled(cluster, timeout=20)  # nothing unfinished, no hold: the survivors finished what the dead left
 
